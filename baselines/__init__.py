@@ -1,0 +1,1 @@
+"""Baselines that diffkit's training-free diff is compared against (the crosscoder)."""

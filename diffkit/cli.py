@@ -1,0 +1,207 @@
+"""The ``diffkit`` command line: parse options, call the library, print a summary.
+
+Heavy libraries (torch, TransformerLens, sae-lens) are imported inside the commands, so
+``diffkit --help`` stays fast. A :class:`~diffkit.errors.DiffkitError` becomes a one-line
+``error: ...`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import DiffkitError
+
+
+class _Group(click.Group):
+    """Turns DiffkitError into a one-line message and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DiffkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DiffkitError(f"--device {name} asked for, but this machine has no CUDA device: use --device cpu")
+    return name
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="diffkit")
+def main() -> None:
+    """diffkit: which learned features do two models share, and which does only one have?
+
+    \b
+    Start here:
+      diffkit zoo list                      the embedded tiny models (no download needed)
+      diffkit collect --model-a zoo:base --model-b zoo:finetuned \\
+          --hook blocks.0.hook_resid_post --corpus mixed --tokens 100000 --out runs/store
+      diffkit store info runs/store         what a store holds
+      diffkit demo                          the end-to-end run on the zoo
+    """
+
+
+@main.command()
+@click.option("--model-a", required=True, help="Model A: zoo:NAME, a model directory, or a TransformerLens name.")
+@click.option("--model-b", required=True, help="Model B (same tokenizer as A).")
+@click.option("--hook", required=True, help="Hook of model A, e.g. blocks.0.hook_resid_post.")
+@click.option("--hook-b", default=None, help="Hook of model B when it differs from --hook.")
+@click.option("--corpus", default="mixed", show_default=True,
+              help="prose | code | mixed (shipped with Python), or a text file, a directory, or a .npy of token ids.")
+@click.option("--corpus-split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
+              help="Which documents of a corpus to use (the corpus's own document-level split).")
+@click.option("--tokens", type=int, required=True, help="Number of token positions to store (BOS/padding excluded).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory of the store.")
+@click.option("--ctx", type=int, default=128, show_default=True, help="Sequence length, BOS included.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the document and sequence order.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per forward pass.")
+@click.option("--shard-mb", type=float, default=32.0, show_default=True, help="Target shard size for the wider model.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage dtype of activations.")
+@click.option("--heldout-every", type=int, default=10, show_default=True,
+              help="Every N-th sequence goes to the held-out split (0: none).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, ctx, seed, batch_size, shard_mb,
+            dtype, heldout_every, device, resume, overwrite, quiet):
+    """Run two models on the same tokens and store their activations (an ActivationStore).
+
+    Each model runs only up to the layer of its hook. BOS and padding positions are not stored.
+    Every --heldout-every-th sequence is held out for scoring fitted maps. An interrupted run is
+    finished with the same command plus --resume and gives exactly the uninterrupted store.
+    """
+    from .activations import CollectConfig, collect_activations
+
+    cfg = CollectConfig(model_a=model_a, model_b=model_b, hook_a=hook, hook_b=hook_b or hook, corpus=corpus,
+                        tokens=tokens, corpus_split=corpus_split, ctx=ctx, seed=seed, batch_size=batch_size,
+                        shard_mb=shard_mb, dtype=dtype, heldout_every=heldout_every)
+    summary = collect_activations(cfg, out, resume=resume, overwrite=overwrite, device=_device(device),
+                                  progress=not quiet, log=click.echo)
+    click.echo(f"stored {summary.tokens:,} tokens (train {summary.train_tokens:,}, held-out "
+               f"{summary.heldout_tokens:,}) in {summary.shards} shards, {_human_bytes(summary.bytes)}, at {out}")
+    click.echo(f"normalization scale  A: {summary.scale_a:.4g}  B: {summary.scale_b:.4g}  (sqrt(d)/mean norm)")
+    resumed = f", {summary.resumed_shards} shards kept from the interrupted run" if summary.resumed_shards else ""
+    click.echo(f"{summary.seconds:.1f} s, {summary.tokens_per_second:,.0f} tokens/s{resumed}")
+
+
+@main.group()
+def store() -> None:
+    """Inspect and check activation stores."""
+
+
+@store.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+def store_info(path):
+    """Print what a store holds: models, hooks, tokens, shards, scales."""
+    from .activations import ActivationStore
+
+    st = ActivationStore.open(path)
+    m = st.manifest
+    click.echo(repr(st))
+    for src in ("a", "b"):
+        s = m["sources"][src]
+        click.echo(f"  {src.upper()}: {s['spec']} ({s['source']}) hook {s['hook']} d_model {s['d_model']} "
+                   f"scale {st.scale(src):.4g}")
+    size = sum(f["bytes"] for sh in m["shards"] for f in sh["files"].values())
+    cfg = m["config"]
+    click.echo(f"  corpus {cfg['corpus']} (split {cfg['corpus_split']}), ctx {cfg['ctx']}, seed {cfg['seed']}, "
+               f"{st.n_shards} shards, {_human_bytes(size)}, dtype {cfg['dtype']}")
+
+
+@store.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def store_verify(path):
+    """Check every shard file against its sha256 in the manifest."""
+    from .activations import ActivationStore
+
+    st = ActivationStore.open(path, verify="full")
+    click.echo(f"ok: {st.n_shards} shards, every file matches its checksum")
+
+
+@main.group()
+def zoo() -> None:
+    """The embedded tiny models and their SAEs (no downloads)."""
+
+
+@zoo.command("list")
+def zoo_list():
+    """List the zoo models."""
+    from .zoo import ARTIFACTS, RECIPES, SAE_HOOK
+
+    for name, recipe in RECIPES.items():
+        built = "built" if (ARTIFACTS / name / "model").exists() else "not built"
+        click.echo(f"zoo:{name:<11} d_model {recipe.d_model:<4} {recipe.description} [{built}]")
+    click.echo(f"each has a TopK SAE at {SAE_HOOK} (sae-lens format): {ARTIFACTS}/NAME/sae")
+
+
+@zoo.command("info")
+def zoo_info():
+    """Held-out loss of each zoo model on prose and on code (recomputed now)."""
+    import torch
+
+    from .models import load_model
+    from .zoo import ZOO_MODELS
+    from .zoo.build import heldout_losses
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    click.echo(f"{'model':<16}{'prose':>8}{'code':>8}   (held-out next-token loss, nats/token)")
+    for name in ZOO_MODELS:
+        loaded = load_model(f"zoo:{name}")
+        losses = heldout_losses(loaded.model, loaded.model.cfg.n_ctx)
+        click.echo(f"zoo:{name:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}")
+
+
+@zoo.command("build")
+@click.argument("names", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write (default: the package's own zoo/artifacts).")
+def zoo_build(names, out):
+    """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores)."""
+    from .zoo import ZOO_MODELS
+    from .zoo.build import build_zoo
+
+    for name in names:
+        if name not in ZOO_MODELS:
+            raise DiffkitError(f"unknown zoo model {name!r}: choose from {', '.join(ZOO_MODELS)}")
+    build_zoo(list(names) or None, out, log=click.echo)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/demo"), show_default=True,
+              help="Where the report goes.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Where the (large, uncommitted) intermediate artifacts go.")
+@click.option("--tokens", type=int, default=100_000, show_default=True, help="Tokens per activation store.")
+def demo(out, work, tokens):
+    """The embedded default, end to end, on the zoo (what exists so far: collection of both pairs)."""
+    from .demo import run_demo
+
+    run_demo(out, work, tokens, log=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Train the zoo from its recipes: tiny TransformerLens models, then an sae-lens SAE for each.
+
+Everything is seeded; run on CPU with a fixed thread count the result is reproducible on one
+machine (floating-point reductions may differ across CPUs, so the committed files are the
+reference, not a hash to match elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..corpora import token_sequences
+from ..tokenizer import ByteTokenizer
+from .recipes import RECIPES, SAE_RECIPE, ModelRecipe, SAERecipe
+
+EVAL_SEQUENCES = 64  # held-out sequences per domain for `zoo info`
+
+
+def sequence_matrix(corpus: str, split: str, ctx: int, limit: int | None = None, seed: int = 0):
+    """(ids, lengths) arrays of a corpus split, in the deterministic stream order."""
+    tok = ByteTokenizer()
+    ids, lengths = [], []
+    for seq in token_sequences(corpus, tok, ctx, split=split, seed=seed):
+        ids.append(seq.ids)
+        lengths.append(seq.length)
+        if limit is not None and len(ids) >= limit:
+            break
+    return np.stack(ids).astype(np.int64), np.asarray(lengths, dtype=np.int64)
+
+
+def next_token_loss(model: Any, ids: Any, lengths: Any) -> Any:
+    """Mean cross-entropy (nats/token) of next-token prediction over real (non-pad) targets."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(ids, return_type="logits")[:, :-1]
+    targets = ids[:, 1:]
+    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths[:, None] - 1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (loss * mask.reshape(-1)).sum() / mask.sum()
+
+
+def heldout_losses(model: Any, ctx: int = 128) -> dict[str, float]:
+    """Held-out loss on prose and on code (the corpora's held-out documents)."""
+    import torch
+
+    out = {}
+    for domain in ("prose", "code"):
+        ids, lengths = sequence_matrix(domain, "heldout", ctx, limit=EVAL_SEQUENCES)
+        with torch.no_grad():
+            out[domain] = float(next_token_loss(model, torch.from_numpy(ids), torch.from_numpy(lengths)))
+    return out
+
+
+def _lr_at(step: int, recipe: ModelRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_model(recipe: ModelRecipe, init_state: dict | None = None, progress: Callable | None = None) -> Any:
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(recipe.seed)
+    cfg = HookedTransformerConfig(n_layers=recipe.n_layers, d_model=recipe.d_model, n_heads=recipe.n_heads,
+                                  d_head=recipe.d_model // recipe.n_heads, d_mlp=recipe.d_mlp,
+                                  n_ctx=recipe.n_ctx, d_vocab=ByteTokenizer.vocab_size, act_fn="gelu",
+                                  normalization_type="LN", seed=recipe.seed)
+    model = HookedTransformer(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    ids, lengths = sequence_matrix(recipe.corpus, "train", recipe.n_ctx, seed=recipe.seed)
+    ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for step in range(recipe.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, recipe)
+        batch = torch.randint(0, len(ids), (recipe.batch_size,), generator=gen)
+        loss = next_token_loss(model, ids_t[batch], lengths_t[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step, float(loss))
+    model.eval()
+    return model
+
+
+def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> dict:
+    """Train a TopK SAE with sae-lens's SAETrainer on the model's activations; save in sae-lens format."""
+    import torch
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    from ..forward import hook_activations
+
+    ids, lengths = sequence_matrix(recipe.corpus, "train", model.cfg.n_ctx, seed=recipe.seed,
+                                   limit=math.ceil(recipe.tokens / (model.cfg.n_ctx - 1)))
+    chunks = []
+    for start in range(0, len(ids), 64):
+        act = hook_activations(model, torch.from_numpy(ids[start:start + 64]), recipe.hook)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths[start:start + 64])[:, None]
+        mask[:, 0] = False  # BOS
+        chunks.append(act[mask])
+    acts = torch.cat(chunks)
+    torch.manual_seed(recipe.seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=recipe.d_sae, k=recipe.k))
+    sae.cfg.metadata.hook_name = recipe.hook
+    sae.cfg.metadata.model_name = f"zoo:{model_name}"
+    sae.cfg.metadata.context_size = model.cfg.n_ctx
+    gen = torch.Generator().manual_seed(recipe.seed)
+
+    def batches():
+        while True:
+            yield acts[torch.randint(0, len(acts), (recipe.batch_size,), generator=gen)]
+
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=recipe.steps * recipe.batch_size, train_batch_size_samples=recipe.batch_size,
+        lr=recipe.lr, lr_end=recipe.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=50,
+        lr_decay_steps=recipe.steps // 5, n_restart_cycles=1, adam_beta1=0.9, adam_beta2=0.999, device="cpu",
+        autocast=False, dead_feature_window=400, feature_sampling_window=400, n_checkpoints=0,
+        checkpoint_path=None, save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=10)
+    sae = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches()).fit()
+    sae.cfg.metadata.hook_name = recipe.hook
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sae.save_inference_model(str(out_dir))
+    with torch.no_grad():
+        held = acts[-20_000:]
+        recon = sae.decode(sae.encode(held))
+        fvu = float(((held - recon) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
+        l0 = float((sae.encode(held) > 0).float().sum(-1).mean())
+    return {"fvu": fvu, "l0": l0, "tokens": int(len(acts))}
+
+
+def build_zoo(names: list[str] | None = None, out_root: Path | None = None, log: Callable = print) -> dict:
+    """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json."""
+    import torch
+    from tqdm import tqdm
+
+    from . import ARTIFACTS
+    from ..models import load_checkpoint, save_checkpoint
+    from ..tokenizer import ByteTokenizer as Tok
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out_root = Path(out_root or ARTIFACTS)
+    names = names or list(RECIPES)
+    report: dict[str, Any] = {}
+    for name in names:
+        recipe = RECIPES[name]
+        t0 = time.time()
+        init = None
+        if recipe.init_from:
+            init_dir = out_root / recipe.init_from / "model"
+            if not init_dir.exists():
+                raise FileNotFoundError(f"{name} fine-tunes {recipe.init_from}: build it first")
+            init = load_checkpoint(init_dir)[0].state_dict()
+        bar = tqdm(total=recipe.steps, desc=f"zoo:{name}", unit="step")
+
+        def progress(step, loss, bar=bar):
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+        model = train_model(recipe, init, progress)
+        bar.close()
+        losses = heldout_losses(model, recipe.n_ctx)
+        save_checkpoint(model, Tok(), out_root / name / "model", dtype="float16",
+                        provenance={"recipe": asdict(recipe), "heldout_loss": losses})
+        model = load_checkpoint(out_root / name / "model")[0]  # the SAE sees the weights as saved
+        sae_stats = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
+        report[name] = {"recipe": asdict(recipe), "heldout_loss": losses, "sae": sae_stats,
+                        "seconds": round(time.time() - t0, 1)}
+        log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "
+            f"SAE FVU {sae_stats['fvu']:.3f}, L0 {sae_stats['l0']:.1f} ({time.time() - t0:.0f} s)")
+    build_file = out_root / "build.json"
+    previous = json.loads(build_file.read_text()) if build_file.exists() else {}
+    previous.update(report)
+    previous["_sae_recipe"] = asdict(SAE_RECIPE)
+    build_file.write_text(json.dumps(previous, indent=2, sort_keys=True))
+    return report

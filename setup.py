@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "diffkit" / "__init__.py").read_text(), version)
+
+setup(
+    name="diffkit",
+    version=version["__version__"],
+    description="Model diffing: which learned features two networks share, and which only one has",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffkit", "diffkit.*", "baselines", "baselines.*"]),
+    include_package_data=True,
+    package_data={"diffkit.zoo": ["artifacts/*.json", "artifacts/*/*.json", "artifacts/*/*/*.json",
+                                  "artifacts/*/*/*.safetensors"]},
+    install_requires=[
+        "torch>=2.2",
+        "sae-lens>=6.54,<7",
+        "transformer-lens>=3,<4",  # sae-lens 6.54 needs <4; 4.x removed HookedTransformer
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pandas>=2.0",
+        "click>=8.1",
+        "safetensors>=0.4",
+        "tqdm>=4.60",       # progress bars on every long stage
+        "matplotlib>=3.7",  # report figures
+        "psutil>=5.9",      # peak-memory figures in the benchmarks
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["diffkit=diffkit.cli:main"]},
+)
