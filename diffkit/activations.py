@@ -116,7 +116,10 @@ def count_available_tokens(cfg: CollectConfig, tokenizer: Any) -> int:
 
 
 def _prepare_out_dir(out: Path, cfg: CollectConfig, resume: bool, overwrite: bool) -> dict | None:
-    """Return the manifest to resume from (or None for a fresh start); refuse to clobber."""
+    """Return the manifest to resume from (or None for a fresh start); refuse to clobber.
+
+    Deletes nothing: with ``overwrite`` the caller removes the old store once the inputs validate.
+    """
     if resume and overwrite:
         raise DiffkitError("--resume and --overwrite contradict each other: pass one of them")
     if out.exists() and not out.is_dir():
@@ -127,8 +130,7 @@ def _prepare_out_dir(out: Path, cfg: CollectConfig, resume: bool, overwrite: boo
             if not has_manifest:
                 raise DiffkitError(f"--out {out} is not empty and is not an activation store: refusing to delete "
                                    "it; choose another --out")
-            read_manifest(out)  # only delete what is recognisably ours
-            shutil.rmtree(out)
+            read_manifest(out)  # only what is recognisably ours is deleted, and only after validation
         elif resume:
             if not has_manifest:
                 raise DiffkitError(f"cannot resume: {out} has no {MANIFEST}; drop --resume or choose another --out")
@@ -167,18 +169,16 @@ def _forward_rows(model: Any, hook: str, ids: np.ndarray, flat_pos: np.ndarray, 
     from .forward import hook_activations
 
     ctx = ids.shape[1]
-    parts = []
+    rows = None
     for start in range(0, len(ids), batch_size):
         batch = torch.from_numpy(ids[start:start + batch_size].astype(np.int64)).to(device)
         act = hook_activations(model, batch, hook).float().cpu()
+        act = act.reshape(-1, act.shape[-1])
+        if rows is None:
+            rows = torch.empty(len(flat_pos), act.shape[1])
         lo, hi = start * ctx, (start + len(batch)) * ctx
-        sel = flat_pos[(flat_pos >= lo) & (flat_pos < hi)] - lo
-        parts.append((sel, act.reshape(-1, act.shape[-1])[torch.from_numpy(sel)]))
-    # Rows must come out in the order of flat_pos (train first, then held-out).
-    d = parts[0][1].shape[1]
-    rows = torch.empty(len(flat_pos), d)
-    order = np.argsort(flat_pos, kind="stable")
-    rows[torch.from_numpy(order)] = torch.cat([p for _, p in parts])
+        here = np.nonzero((flat_pos >= lo) & (flat_pos < hi))[0]  # output rows that this batch fills
+        rows[torch.from_numpy(here)] = act[torch.from_numpy(flat_pos[here] - lo)]
     if not torch.isfinite(rows).all():
         bad = int(torch.nonzero(~torch.isfinite(rows).all(dim=1))[0])
         seq, pos = divmod(int(flat_pos[bad]), ctx)
@@ -228,6 +228,8 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
     if available < cfg.tokens:
         raise DiffkitError(f"corpus {cfg.corpus!r} (split {cfg.corpus_split}) has only {available:,} usable tokens at "
                            f"ctx {cfg.ctx}, fewer than --tokens {cfg.tokens:,}: lower --tokens or use a larger corpus")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
     d = {"a": model_a.d_model, "b": model_b.d_model}
     per_shard = _seqs_per_shard(cfg, max(d.values()))
     if manifest is None:
@@ -243,6 +245,7 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
             log(f"{out} is already complete; nothing to resume")
             return _summary(out, manifest, time.time() - t0, len(manifest["shards"]))
         _clean_uncommitted(out, manifest)
+    per_shard = manifest["seqs_per_shard"]  # a resumed run keeps the shard size it started with
     done_shards = len(manifest["shards"])
     done_seqs = sum(s["n_seqs"] for s in manifest["shards"])
     done_tokens = sum(s["n_tokens"] for s in manifest["shards"])

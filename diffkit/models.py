@@ -129,9 +129,15 @@ def _load_hf_dir(path: Path, device: str) -> tuple[Any, Tokenizer]:
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = loading.get_pretrained_model_config(str(path), device=device, fold_ln=False)
     hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="float32")
-    state = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model)
+    # TransformerLens picks some architectures by substring of the *name* ("llama", "gemma") and
+    # then never reads config.json, which breaks on a local folder called e.g. "my-llama". A
+    # neutrally named link to the folder makes it read the folder's own config.
+    with tempfile.TemporaryDirectory(prefix="diffkit-hf-") as tmp:
+        neutral = Path(tmp) / "model"
+        neutral.symlink_to(path.resolve(), target_is_directory=True)
+        cfg = loading.get_pretrained_model_config(str(neutral), device=device, fold_ln=False)
+        state = loading.get_pretrained_state_dict(str(neutral), cfg, hf_model=hf_model)
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     model = HookedTransformer(cfg, tokenizer=hf_tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,

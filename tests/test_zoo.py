@@ -1,0 +1,109 @@
+"""The committed zoo: real TransformerLens models and real sae-lens SAEs, loaded from disk."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffkit import zoo
+from diffkit.models import load_model
+from diffkit.zoo.build import heldout_losses, sequence_matrix, train_model, train_sae
+from diffkit.zoo.recipes import RECIPES, SAE_RECIPE
+
+
+@pytest.fixture(scope="module")
+def losses():
+    return {name: heldout_losses(load_model(f"zoo:{name}").model) for name in zoo.ZOO_MODELS}
+
+
+def test_finetune_is_better_on_code_and_worse_on_prose(losses):
+    base, ft = losses["base"], losses["finetuned"]
+    assert ft["code"] < base["code"] - 0.3, losses
+    assert ft["prose"] > base["prose"] + 0.1, losses
+
+
+def test_seed_control_and_wide_model_learned_the_same_task(losses):
+    base = losses["base"]
+    for name in ("base-seed1", "wide"):
+        assert abs(losses[name]["prose"] - base["prose"]) < 0.15, losses
+        assert losses[name]["prose"] < base["code"], losses  # trained on prose: prose is the easier domain
+
+
+def test_zoo_models_match_their_recipes():
+    for name, recipe in RECIPES.items():
+        cfg = load_model(f"zoo:{name}").model.cfg
+        assert (cfg.d_model, cfg.n_layers, cfg.n_ctx) == (recipe.d_model, recipe.n_layers, recipe.n_ctx)
+
+
+def _sae_activations(name: str):
+    from diffkit.forward import hook_activations
+
+    model = load_model(f"zoo:{name}").model
+    acts = []
+    for domain in ("prose", "code"):
+        ids, lengths = sequence_matrix(domain, "heldout", 128, limit=16)
+        act = hook_activations(model, torch.from_numpy(ids), zoo.SAE_HOOK)
+        mask = torch.arange(128)[None, :] < torch.from_numpy(lengths)[:, None]
+        mask[:, 0] = False
+        acts.append(act[mask])
+    return torch.cat(acts)
+
+
+@pytest.mark.parametrize("name", zoo.ZOO_MODELS)
+def test_zoo_saes_load_through_sae_lens_and_reconstruct(name):
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(zoo.sae_dir(name))
+    d_model = RECIPES[name].d_model
+    assert sae.cfg.d_in == d_model and sae.cfg.d_sae == SAE_RECIPE.d_sae
+    assert sae.cfg.metadata.hook_name == zoo.SAE_HOOK
+    acts = _sae_activations(name)
+    with torch.no_grad():
+        feats = sae.encode(acts)
+        recon = sae.decode(feats)
+    fvu = float(((acts - recon) ** 2).sum() / ((acts - acts.mean(0)) ** 2).sum())
+    assert fvu < 0.4, f"held-out FVU {fvu:.3f}"
+    l0 = (feats > 0).float().sum(-1)
+    assert float(l0.max()) <= SAE_RECIPE.k  # TopK: never more than k active
+
+
+def test_sae_lens_save_load_round_trip(tmp_path):
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(zoo.sae_dir("base"))
+    sae.save_model(tmp_path / "copy")
+    again = SAE.load_from_disk(tmp_path / "copy")
+    x = torch.randn(64, sae.cfg.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), again.encode(x))
+    assert again.cfg.metadata.hook_name == zoo.SAE_HOOK
+
+
+def test_build_recipe_runs_at_tiny_scale(tmp_path):
+    """The code behind `diffkit zoo build`, shrunk: trains a model and an sae-lens SAE, saves both."""
+    from sae_lens import SAE
+
+    recipe = dataclasses.replace(RECIPES["base"], steps=4, d_model=32, n_heads=2, d_mlp=64, batch_size=4)
+    model = train_model(recipe)
+    stats = train_sae(model, dataclasses.replace(SAE_RECIPE, steps=3, tokens=3000, batch_size=256, d_sae=64, k=4),
+                      "tiny", tmp_path / "sae")
+    sae = SAE.load_from_disk(tmp_path / "sae")
+    assert sae.cfg.d_in == 32 and sae.cfg.metadata.hook_name == SAE_RECIPE.hook
+    assert stats["l0"] <= 4
+
+
+def test_committed_zoo_is_small():
+    total = sum(p.stat().st_size for p in zoo.ARTIFACTS.rglob("*") if p.is_file())
+    assert total < 20 * 2**20, f"zoo artifacts are {total / 2**20:.1f} MB"
+
+
+def test_zoo_info_prints_both_domains():
+    from click.testing import CliRunner
+
+    from diffkit.cli import main
+
+    result = CliRunner().invoke(main, ["zoo", "info"])
+    assert result.exit_code == 0, result.output
+    assert "zoo:finetuned" in result.output and "prose" in result.output and "code" in result.output
