@@ -67,6 +67,8 @@ def test_zoo_saes_load_through_sae_lens_and_reconstruct(name):
     assert fvu < 0.4, f"held-out FVU {fvu:.3f}"
     l0 = (feats > 0).float().sum(-1)
     assert float(l0.max()) <= SAE_RECIPE.k  # TopK: never more than k active
+    dead = float(((feats > 0).sum(0) == 0).float().mean())
+    assert dead < 0.3, f"{dead:.0%} of latents never fire on ~4k held-out tokens"
 
 
 def test_sae_lens_save_load_round_trip(tmp_path):

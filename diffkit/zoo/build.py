@@ -137,16 +137,36 @@ def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> 
     sae.cfg.metadata.hook_name = recipe.hook
     out_dir.mkdir(parents=True, exist_ok=True)
     sae.save_inference_model(str(out_dir))
-    with torch.no_grad():
-        held = acts[-20_000:]
-        recon = sae.decode(sae.encode(held))
+    with torch.no_grad():  # figures on the held-out documents of both domains
+        held = torch.cat([_heldout_acts(model, recipe.hook, domain) for domain in ("prose", "code")])
+        feats = sae.encode(held)
+        recon = sae.decode(feats)
         fvu = float(((held - recon) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
-        l0 = float((sae.encode(held) > 0).float().sum(-1).mean())
-    return {"fvu": fvu, "l0": l0, "tokens": int(len(acts))}
+        l0 = float((feats > 0).float().sum(-1).mean())
+        dead = float(((feats > 0).sum(0) == 0).float().mean())
+    return {"fvu": fvu, "l0": l0, "dead_fraction": dead, "train_tokens": int(len(acts)),
+            "eval_tokens": int(len(held)), "fvu_formula": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2"}
 
 
-def build_zoo(names: list[str] | None = None, out_root: Path | None = None, log: Callable = print) -> dict:
-    """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json."""
+def _heldout_acts(model: Any, hook: str, domain: str, n_seqs: int = EVAL_SEQUENCES) -> Any:
+    """Activations at ``hook`` on a domain's held-out documents, BOS and padding dropped."""
+    import torch
+
+    from ..forward import hook_activations
+
+    ids, lengths = sequence_matrix(domain, "heldout", model.cfg.n_ctx, limit=n_seqs)
+    act = hook_activations(model, torch.from_numpy(ids), hook)
+    mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+    mask[:, 0] = False
+    return act[mask]
+
+
+def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes_only: bool = False,
+              log: Callable = print) -> dict:
+    """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json.
+
+    ``saes_only`` keeps the existing models and retrains only their SAEs.
+    """
     import torch
     from tqdm import tqdm
 
@@ -157,37 +177,42 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, log:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_root = Path(out_root or ARTIFACTS)
     names = names or list(RECIPES)
-    report: dict[str, Any] = {}
+    build_file = out_root / "build.json"
+    report: dict[str, Any] = json.loads(build_file.read_text()) if build_file.exists() else {}
     for name in names:
         recipe = RECIPES[name]
+        model_dir = out_root / name / "model"
         t0 = time.time()
-        init = None
-        if recipe.init_from:
-            init_dir = out_root / recipe.init_from / "model"
-            if not init_dir.exists():
-                raise FileNotFoundError(f"{name} fine-tunes {recipe.init_from}: build it first")
-            init = load_checkpoint(init_dir)[0].state_dict()
-        bar = tqdm(total=recipe.steps, desc=f"zoo:{name}", unit="step")
+        entry = report.get(name, {}) if saes_only else {}
+        if not saes_only:
+            init = None
+            if recipe.init_from:
+                init_dir = out_root / recipe.init_from / "model"
+                if not init_dir.exists():
+                    raise FileNotFoundError(f"{name} fine-tunes {recipe.init_from}: build it first")
+                init = load_checkpoint(init_dir)[0].state_dict()
+            bar = tqdm(total=recipe.steps, desc=f"zoo:{name}", unit="step")
 
-        def progress(step, loss, bar=bar):
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
+            def progress(step, loss, bar=bar):
+                bar.update(1)
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}")
 
-        model = train_model(recipe, init, progress)
-        bar.close()
-        losses = heldout_losses(model, recipe.n_ctx)
-        save_checkpoint(model, Tok(), out_root / name / "model", dtype="float16",
-                        provenance={"recipe": asdict(recipe), "heldout_loss": losses})
-        model = load_checkpoint(out_root / name / "model")[0]  # the SAE sees the weights as saved
-        sae_stats = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
-        report[name] = {"recipe": asdict(recipe), "heldout_loss": losses, "sae": sae_stats,
-                        "seconds": round(time.time() - t0, 1)}
+            model = train_model(recipe, init, progress)
+            bar.close()
+            losses = heldout_losses(model, recipe.n_ctx)
+            save_checkpoint(model, Tok(), model_dir, dtype="float16",
+                            provenance={"recipe": asdict(recipe), "heldout_loss": losses})
+            entry = {"recipe": asdict(recipe), "heldout_loss": losses, "model_seconds": round(time.time() - t0, 1)}
+        model = load_checkpoint(model_dir)[0]  # the SAE sees the weights as saved
+        t1 = time.time()
+        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
+        entry["sae_seconds"] = round(time.time() - t1, 1)
+        report[name] = entry
+        losses, sae = entry["heldout_loss"], entry["sae"]
         log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "
-            f"SAE FVU {sae_stats['fvu']:.3f}, L0 {sae_stats['l0']:.1f} ({time.time() - t0:.0f} s)")
-    build_file = out_root / "build.json"
-    previous = json.loads(build_file.read_text()) if build_file.exists() else {}
-    previous.update(report)
-    previous["_sae_recipe"] = asdict(SAE_RECIPE)
-    build_file.write_text(json.dumps(previous, indent=2, sort_keys=True))
+            f"SAE FVU {sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} ({time.time() - t0:.0f} s)")
+    report["_sae_recipe"] = asdict(SAE_RECIPE)
+    build_file.parent.mkdir(parents=True, exist_ok=True)
+    build_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

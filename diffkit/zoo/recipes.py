@@ -32,11 +32,13 @@ class SAERecipe:
     hook: str = "blocks.0.hook_resid_post"
     corpus: str = "mixed"
     d_sae: int = 1024
-    k: int = 16
+    # k=16 at lr 4e-4 left over half the latents dead within 800 steps; k=24 at lr 3e-3 leaves
+    # ~2% dead at held-out FVU ~0.09 (measured on zoo:base, 2 cores, ~25 s per SAE).
+    k: int = 24
     tokens: int = 400_000
     steps: int = 800
     batch_size: int = 1024
-    lr: float = 4e-4
+    lr: float = 3e-3
     seed: int = 0
 
 
