@@ -9,7 +9,7 @@ import torch
 
 from diffkit import zoo
 from diffkit.models import load_model
-from diffkit.zoo.build import heldout_losses, sequence_matrix, train_model, train_sae
+from diffkit.zoo.build import heldout_losses, sequence_matrix, token_activations, train_model, train_sae
 from diffkit.zoo.recipes import RECIPES, SAE_RECIPE
 
 
@@ -38,17 +38,10 @@ def test_zoo_models_match_their_recipes():
 
 
 def _sae_activations(name: str):
-    from diffkit.forward import hook_activations
-
     model = load_model(f"zoo:{name}").model
-    acts = []
-    for domain in ("prose", "code"):
-        ids, lengths = sequence_matrix(domain, "heldout", 128, limit=16)
-        act = hook_activations(model, torch.from_numpy(ids), zoo.SAE_HOOK)
-        mask = torch.arange(128)[None, :] < torch.from_numpy(lengths)[:, None]
-        mask[:, 0] = False
-        acts.append(act[mask])
-    return torch.cat(acts)
+    parts = [token_activations(model, zoo.SAE_HOOK, *sequence_matrix(domain, "heldout", 128, limit=16))
+             for domain in ("prose", "code")]
+    return torch.cat(parts)
 
 
 @pytest.mark.parametrize("name", zoo.ZOO_MODELS)

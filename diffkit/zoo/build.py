@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -104,17 +107,9 @@ def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> 
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    from ..forward import hook_activations
-
     ids, lengths = sequence_matrix(recipe.corpus, "train", model.cfg.n_ctx, seed=recipe.seed,
                                    limit=math.ceil(recipe.tokens / (model.cfg.n_ctx - 1)))
-    chunks = []
-    for start in range(0, len(ids), 64):
-        act = hook_activations(model, torch.from_numpy(ids[start:start + 64]), recipe.hook)
-        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths[start:start + 64])[:, None]
-        mask[:, 0] = False  # BOS
-        chunks.append(act[mask])
-    acts = torch.cat(chunks)
+    acts = token_activations(model, recipe.hook, ids, lengths)
     torch.manual_seed(recipe.seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=recipe.d_sae, k=recipe.k))
     sae.cfg.metadata.hook_name = recipe.hook
@@ -135,8 +130,12 @@ def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> 
         n_batches_for_norm_estimate=10)
     sae = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches()).fit()
     sae.cfg.metadata.hook_name = recipe.hook
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sae.save_inference_model(str(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    sae.save_inference_model(str(tmp))  # written aside, then swapped in: never a half-written SAE
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     with torch.no_grad():  # figures on the held-out documents of both domains
         held = torch.cat([_heldout_acts(model, recipe.hook, domain) for domain in ("prose", "code")])
         feats = sae.encode(held)
@@ -148,71 +147,21 @@ def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> 
             "eval_tokens": int(len(held)), "fvu_formula": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2"}
 
 
-def _heldout_acts(model: Any, hook: str, domain: str, n_seqs: int = EVAL_SEQUENCES) -> Any:
-    """Activations at ``hook`` on a domain's held-out documents, BOS and padding dropped."""
+def token_activations(model: Any, hook: str, ids: np.ndarray, lengths: np.ndarray, batch: int = 64) -> Any:
+    """(n_tokens, d) activations at ``hook`` over the real tokens of ``ids``: BOS and padding dropped."""
     import torch
 
     from ..forward import hook_activations
 
+    chunks = []
+    for start in range(0, len(ids), batch):
+        act = hook_activations(model, torch.from_numpy(ids[start:start + batch]), hook)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths[start:start + batch])[:, None]
+        mask[:, 0] = False
+        chunks.append(act[mask])
+    return torch.cat(chunks)
+
+
+def _heldout_acts(model: Any, hook: str, domain: str, n_seqs: int = EVAL_SEQUENCES) -> Any:
     ids, lengths = sequence_matrix(domain, "heldout", model.cfg.n_ctx, limit=n_seqs)
-    act = hook_activations(model, torch.from_numpy(ids), hook)
-    mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
-    mask[:, 0] = False
-    return act[mask]
-
-
-def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes_only: bool = False,
-              log: Callable = print) -> dict:
-    """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json.
-
-    ``saes_only`` keeps the existing models and retrains only their SAEs.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from . import ARTIFACTS
-    from ..models import load_checkpoint, save_checkpoint
-    from ..tokenizer import ByteTokenizer as Tok
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    out_root = Path(out_root or ARTIFACTS)
-    names = names or list(RECIPES)
-    build_file = out_root / "build.json"
-    report: dict[str, Any] = json.loads(build_file.read_text()) if build_file.exists() else {}
-    for name in names:
-        recipe = RECIPES[name]
-        model_dir = out_root / name / "model"
-        t0 = time.time()
-        entry = report.get(name, {}) if saes_only else {}
-        if not saes_only:
-            init = None
-            if recipe.init_from:
-                init_dir = out_root / recipe.init_from / "model"
-                if not init_dir.exists():
-                    raise FileNotFoundError(f"{name} fine-tunes {recipe.init_from}: build it first")
-                init = load_checkpoint(init_dir)[0].state_dict()
-            bar = tqdm(total=recipe.steps, desc=f"zoo:{name}", unit="step")
-
-            def progress(step, loss, bar=bar):
-                bar.update(1)
-                if step % 25 == 0:
-                    bar.set_postfix(loss=f"{loss:.3f}")
-
-            model = train_model(recipe, init, progress)
-            bar.close()
-            losses = heldout_losses(model, recipe.n_ctx)
-            save_checkpoint(model, Tok(), model_dir, dtype="float16",
-                            provenance={"recipe": asdict(recipe), "heldout_loss": losses})
-            entry = {"recipe": asdict(recipe), "heldout_loss": losses, "model_seconds": round(time.time() - t0, 1)}
-        model = load_checkpoint(model_dir)[0]  # the SAE sees the weights as saved
-        t1 = time.time()
-        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
-        entry["sae_seconds"] = round(time.time() - t1, 1)
-        report[name] = entry
-        losses, sae = entry["heldout_loss"], entry["sae"]
-        log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "
-            f"SAE FVU {sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} ({time.time() - t0:.0f} s)")
-    report["_sae_recipe"] = asdict(SAE_RECIPE)
-    build_file.parent.mkdir(parents=True, exist_ok=True)
-    build_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return report
+    return token_activations(model, hook, ids, lengths)
