@@ -37,9 +37,9 @@ def test_rows_equal_a_direct_forward_pass(small_store, tiny_models):
     _, cache_b = model_b.run_with_cache(torch.from_numpy(ids))
     ref_a = cache_a["blocks.0.hook_resid_post"].reshape(-1, 32)[pos]
     ref_b = cache_b["blocks.1.hook_resid_post"].reshape(-1, 48)[pos]
-    torch.testing.assert_close(torch.from_numpy(np.asarray(small_store._array(shard, "a"))), ref_a,
+    torch.testing.assert_close(torch.from_numpy(np.array(small_store._array(shard, "a"))), ref_a,
                                rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(np.asarray(small_store._array(shard, "b"))), ref_b,
+    torch.testing.assert_close(torch.from_numpy(np.array(small_store._array(shard, "b"))), ref_b,
                                rtol=1e-4, atol=1e-5)
 
 
