@@ -179,7 +179,8 @@ def zoo_info():
 @click.argument("names", nargs=-1)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: the package's own zoo/artifacts).")
-def zoo_build(names, out):
+@click.option("--saes-only", is_flag=True, help="Keep the trained models; retrain only their SAEs (~2 min).")
+def zoo_build(names, out, saes_only):
     """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores)."""
     from .zoo import ZOO_MODELS
     from .zoo.build import build_zoo
@@ -187,7 +188,7 @@ def zoo_build(names, out):
     for name in names:
         if name not in ZOO_MODELS:
             raise DiffkitError(f"unknown zoo model {name!r}: choose from {', '.join(ZOO_MODELS)}")
-    build_zoo(list(names) or None, out, log=click.echo)
+    build_zoo(list(names) or None, out, saes_only=saes_only, log=click.echo)
 
 
 @main.command()
@@ -201,6 +202,35 @@ def demo(out, work, tokens):
     from .demo import run_demo
 
     run_demo(out, work, tokens, log=click.echo)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks of diffkit's stages, each against a baseline measured in the same run."""
+
+
+@bench.command("collect")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/collect.md"),
+              show_default=True, help="Where the markdown report goes.")
+@click.option("--quick", is_flag=True, help="Smaller sizes (20k vs 100k tokens): a check that it runs, under a minute.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads, here and in every subprocess.")
+def bench_collect(out, quick, threads):
+    """Activation collection: hook capture vs run_with_cache, collect tokens/s and peak RSS, shuffled reads.
+
+    The full run (100k vs 1M tokens) takes about 2 minutes on 2 idle cores, --quick under a minute;
+    other CPU-heavy processes slow it a lot (the report says when it ran under load).
+    """
+    from .bench.collect import run_collect_benchmark
+    from .bench.collect_report import write_collect_report
+
+    result = run_collect_benchmark(quick=quick, threads=threads, log=click.echo)
+    write_collect_report(result, out)
+    early = result.forward.rows[0]
+    click.echo(f"forward {early.hook}: {early.speedup:.2f}x run_with_cache; shuffled reads "
+               f"{result.read.shuffled_gbps:.2f} GB/s ({result.read.shuffled_gbps / result.read.baseline_gbps:.2f}x "
+               f"sequential np.load)")
+    load = " (under load: other processes were busy)" if result.under_load else ""
+    click.echo(f"{result.seconds:.0f} s{load}; report written to {out}")
 
 
 if __name__ == "__main__":

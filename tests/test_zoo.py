@@ -102,3 +102,34 @@ def test_zoo_info_prints_both_domains():
     result = CliRunner().invoke(main, ["zoo", "info"])
     assert result.exit_code == 0, result.output
     assert "zoo:finetuned" in result.output and "prose" in result.output and "code" in result.output
+
+
+def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
+    """`diffkit zoo build` end to end on shrunken recipes: a model, its fine-tune, both SAEs, then --saes-only."""
+    import json
+
+    from click.testing import CliRunner
+    from sae_lens import SAE
+
+    from diffkit.cli import main
+    from diffkit.models import load_checkpoint
+    from diffkit.zoo import build
+
+    tiny = dict(steps=3, d_model=32, n_heads=2, d_mlp=64, batch_size=4)
+    monkeypatch.setattr(build, "RECIPES", {"base": dataclasses.replace(RECIPES["base"], **tiny),
+                                           "finetuned": dataclasses.replace(RECIPES["finetuned"], **tiny)})
+    monkeypatch.setattr(build, "SAE_RECIPE", dataclasses.replace(SAE_RECIPE, steps=2, tokens=2000, batch_size=128,
+                                                                 d_sae=64, k=4))
+    result = CliRunner().invoke(main, ["zoo", "build", "base", "finetuned", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "zoo:finetuned: held-out loss" in result.output
+    base_w = load_checkpoint(tmp_path / "base" / "model")[0].W_E
+    ft_w = load_checkpoint(tmp_path / "finetuned" / "model")[0].W_E
+    assert not torch.equal(base_w, ft_w) and torch.allclose(base_w, ft_w, atol=0.05)  # fine-tuned from base
+    report = json.loads((tmp_path / "build.json").read_text())
+    assert set(report) == {"base", "finetuned", "_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    before = (tmp_path / "base" / "model" / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(main, ["zoo", "build", "base", "--out", str(tmp_path), "--saes-only"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "base" / "model" / "model.safetensors").read_bytes() == before
+    assert SAE.load_from_disk(tmp_path / "base" / "sae").cfg.d_in == 32

@@ -96,7 +96,7 @@ def train_model(recipe: ModelRecipe, init_state: dict | None = None, progress: C
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     model.eval()
     return model
 
@@ -165,3 +165,60 @@ def token_activations(model: Any, hook: str, ids: np.ndarray, lengths: np.ndarra
 def _heldout_acts(model: Any, hook: str, domain: str, n_seqs: int = EVAL_SEQUENCES) -> Any:
     ids, lengths = sequence_matrix(domain, "heldout", model.cfg.n_ctx, limit=n_seqs)
     return token_activations(model, hook, ids, lengths)
+
+
+def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes_only: bool = False,
+              log: Callable = print) -> dict:
+    """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json.
+
+    ``saes_only`` keeps the existing models and retrains only their SAEs.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from . import ARTIFACTS
+    from ..models import load_checkpoint, save_checkpoint
+    from ..tokenizer import ByteTokenizer as Tok
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out_root = Path(out_root or ARTIFACTS)
+    names = names or list(RECIPES)
+    build_file = out_root / "build.json"
+    report: dict[str, Any] = json.loads(build_file.read_text()) if build_file.exists() else {}
+    for name in names:
+        recipe = RECIPES[name]
+        model_dir = out_root / name / "model"
+        t0 = time.time()
+        entry = report.get(name, {}) if saes_only else {}
+        if not saes_only:
+            init = None
+            if recipe.init_from:
+                init_dir = out_root / recipe.init_from / "model"
+                if not init_dir.exists():
+                    raise FileNotFoundError(f"{name} fine-tunes {recipe.init_from}: build it first")
+                init = load_checkpoint(init_dir)[0].state_dict()
+            bar = tqdm(total=recipe.steps, desc=f"zoo:{name}", unit="step")
+
+            def progress(step, loss, bar=bar):
+                bar.update(1)
+                if step % 25 == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+
+            model = train_model(recipe, init, progress)
+            bar.close()
+            losses = heldout_losses(model, recipe.n_ctx)
+            save_checkpoint(model, Tok(), model_dir, dtype="float16",
+                            provenance={"recipe": asdict(recipe), "heldout_loss": losses})
+            entry = {"recipe": asdict(recipe), "heldout_loss": losses, "model_seconds": round(time.time() - t0, 1)}
+        model = load_checkpoint(model_dir)[0]  # the SAE sees the weights as saved
+        t1 = time.time()
+        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
+        entry["sae_seconds"] = round(time.time() - t1, 1)
+        report[name] = entry
+        losses, sae = entry["heldout_loss"], entry["sae"]
+        log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "
+            f"SAE FVU {sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} ({time.time() - t0:.0f} s)")
+    report["_sae_recipe"] = asdict(SAE_RECIPE)
+    build_file.parent.mkdir(parents=True, exist_ok=True)
+    build_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
