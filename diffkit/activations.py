@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +36,7 @@ from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic
 
 SPLITS = ("train", "heldout", "all")
 DTYPES = ("float32", "float16")
+MAX_OPEN_MAPS = 256  # 4 files per shard: a shuffle window of 8 shards needs 16 (a, b), far below fd limits
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ class ActivationStore:
         self.root = Path(root)
         self.manifest = manifest
         self.config = CollectConfig(**{f.name: manifest["config"][f.name] for f in fields(CollectConfig)})
-        self._arrays: dict[tuple[int, str], np.ndarray] = {}
+        # Open memory maps, least recently used first; bounded because each holds a file descriptor.
+        self._arrays: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         shards = manifest["shards"]
         self._n_train = np.array([s["n_train"] for s in shards], dtype=np.int64)
         self._n_all = np.array([s["n_tokens"] for s in shards], dtype=np.int64)
@@ -335,9 +338,14 @@ class ActivationStore:
                 for rel, record in shard["files"].items():
                     if verify != "none":
                         check_shard_file(root, rel, record, verify)
-        except (KeyError, TypeError) as exc:
-            raise DiffkitError(f"{root / MANIFEST} has a malformed shard entry ({exc}): collect the store again") from None
-        return cls(root, manifest)
+            store = cls(root, manifest)
+            for src in SOURCES:
+                store.d_model(src), store.hook(src), store.scale(src)
+            store.n_tokens("all")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DiffkitError(f"{root / MANIFEST} is malformed (bad or missing field {exc}): collect the store "
+                               "again") from None
+        return store
 
     # -- facts ---------------------------------------------------------------------------------
     def d_model(self, source: str) -> int:
@@ -369,6 +377,10 @@ class ActivationStore:
             rel = shard_files(shard)[key]
             cached = load_npy(self.root, rel, self.manifest["shards"][shard]["files"][rel])
             self._arrays[(shard, key)] = cached
+            if len(self._arrays) > MAX_OPEN_MAPS:
+                self._arrays.popitem(last=False)
+        else:
+            self._arrays.move_to_end((shard, key))
         return cached
 
     def _split_bounds(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -411,7 +423,7 @@ class ActivationStore:
         shard, row = self._locate(split, np.asarray(indices))
         return self._gather(shard, row, normalized)
 
-    def tokens(self, indices: Any, split: str = "train", window: int = 16) -> list[tuple[np.ndarray, int]]:
+    def contexts(self, indices: Any, split: str = "train", window: int = 16) -> list[tuple[np.ndarray, int]]:
         """For each row: the token ids of its sequence up to ``window`` tokens around it, and its offset."""
         shard, row = self._locate(split, np.asarray(indices))
         result = []

@@ -103,7 +103,7 @@ def test_iterator_is_seeded_and_ranks_partition(small_store):
 
 
 def test_token_contexts_point_at_the_row(small_store):
-    ctx = small_store.tokens([0, 7], window=4)
+    ctx = small_store.contexts([0, 7], window=4)
     for (ids, offset), idx in zip(ctx, [0, 7]):
         shard, row = small_store._locate("train", np.array([idx]))
         flat = int(small_store._array(int(shard[0]), "pos")[row[0]])
@@ -250,6 +250,10 @@ def test_missing_shard_and_bad_manifests(store_copy, tmp_path):
     manifest = json.loads((store_copy / MANIFEST).read_text())
     (store_copy / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     assert "format version 99" in cli_error(["store", "info", str(store_copy)])
+    broken = {k: v for k, v in manifest.items() if k != "scale"}
+    (store_copy / MANIFEST).write_text(json.dumps(broken))
+    with pytest.raises(DiffkitError, match="malformed .*scale"):
+        ActivationStore.open(store_copy, verify="none")
     (store_copy / MANIFEST).write_text("{ not json")
     assert "not valid JSON" in cli_error(["store", "info", str(store_copy)])
     assert "does not exist" in cli_error(["store", "info", str(tmp_path / "nowhere")])
@@ -275,3 +279,14 @@ def test_config_validation():
                        ({"heldout_every": 1}, "--heldout-every"), ({"batch_size": 0}, "--batch-size")):
         with pytest.raises(DiffkitError, match=match):
             CollectConfig(**{**base, **bad})
+
+
+def test_open_memory_maps_are_bounded(small_store, monkeypatch):
+    import diffkit.activations as act
+
+    expected = [a.clone() for a, _ in small_store.iter_batches(100, seed=1)]
+    fresh = ActivationStore.open(small_store.root)
+    monkeypatch.setattr(act, "MAX_OPEN_MAPS", 3)
+    got = [a for a, _ in fresh.iter_batches(100, seed=1)]
+    assert len(fresh._arrays) <= 3
+    assert all(torch.equal(x, y) for x, y in zip(expected, got)) and len(got) == len(expected)
