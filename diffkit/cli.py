@@ -104,6 +104,9 @@ def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, c
     click.echo(f"stored {summary.tokens:,} tokens (train {summary.train_tokens:,}, held-out "
                f"{summary.heldout_tokens:,}) in {summary.shards} shards, {_human_bytes(summary.bytes)}, at {out}")
     click.echo(f"normalization scale  A: {summary.scale_a:.4g}  B: {summary.scale_b:.4g}  (sqrt(d)/mean norm)")
+    if summary.heldout_tokens == 0:
+        click.echo(f"note: no held-out tokens (every {heldout_every}th sequence is held out, and this store has fewer): "
+                   "fitted maps cannot be scored on it; collect more --tokens or lower --heldout-every")
     resumed = f", {summary.resumed_shards} shards kept from the interrupted run" if summary.resumed_shards else ""
     click.echo(f"{summary.seconds:.1f} s, {summary.tokens_per_second:,.0f} tokens/s{resumed}")
 

@@ -18,21 +18,17 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 def stop_layer(model: Any, hook: str) -> int | None:
     """Layer index at which the forward pass may stop once ``hook`` has fired (None: run to the end)."""
     if hook not in model.hook_dict:
-        valid = sorted(model.hook_dict, key=_hook_sort_key)
-        shown = [h for h in valid if "resid" in h or not h.startswith("blocks.")]
-        raise DiffkitError(f"unknown hook {hook!r}: valid residual hooks include {', '.join(shown[:12])}"
-                           f" ... ({len(valid)} hooks in all; e.g. blocks.0.hook_resid_post)")
+        last = model.cfg.n_layers - 1
+        others = [h for h in ("blocks.0.mlp.hook_post", "blocks.0.attn.hook_z", "hook_embed") if h in model.hook_dict]
+        raise DiffkitError(f"unknown hook {hook!r} for this {model.cfg.n_layers}-layer model: residual hooks are "
+                           f"blocks.N.hook_resid_pre / hook_resid_mid / hook_resid_post with N in 0..{last} "
+                           f"(others: {', '.join(others)}; {len(model.hook_dict)} hooks in all)")
     match = _BLOCK.match(hook)
     if match:
         return int(match.group(1)) + 1
     if hook in ("hook_embed", "hook_pos_embed"):
         return 0
     return None
-
-
-def _hook_sort_key(name: str) -> tuple:
-    match = _BLOCK.match(name)
-    return (int(match.group(1)) if match else -1, name)
 
 
 def hook_activations(model: Any, tokens: Any, hook: str) -> Any:
