@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from diffkit.bench.collect import (CollectBenchmark, bench_collect, bench_forward, bench_read, machine_info,
-                                   sample_load, save_collect_models)
+                                   sample_load)
 from diffkit.bench.collect_report import write_collect_report
 
 
@@ -13,8 +13,7 @@ def test_collect_benchmark_pieces_and_report(tmp_path):
     forward = bench_forward(batch=2, repeats=1, threads=1)
     assert [row.hook for row in forward.rows] == ["blocks.1.hook_resid_post", "blocks.7.hook_resid_post"]
     assert all(row.diffkit_tokens_per_s > 0 and row.baseline_tokens_per_s > 0 for row in forward.rows)
-    model_a, model_b = save_collect_models(tmp_path / "models")
-    collect, stores = bench_collect((600, 1200), model_a, model_b, tmp_path, threads=1)
+    collect, stores = bench_collect((600, 1200), tmp_path, threads=1)
     assert [(r.method, r.tokens) for r in collect.runs] == [("diffkit", 600), ("in-memory", 600),
                                                             ("diffkit", 1200), ("in-memory", 1200)]
     assert all(r.peak_rss_bytes >= r.rss_before_bytes > 0 for r in collect.runs)

@@ -37,9 +37,9 @@ CHILD_MARKER = "DIFFKIT_BENCH_RESULT "
 # Section 1: the model whose forward pass is timed (random init; 8 layers so that stopping early matters).
 FORWARD_MODEL = dict(n_layers=8, d_model=256, n_heads=8, d_head=32, d_mlp=1024, n_ctx=128, d_vocab=258,
                      normalization_type="LN", act_fn="gelu", seed=0)
-# Section 2: the two models whose activations are collected (saved as diffkit checkpoints).
-COLLECT_MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=258,
-                     normalization_type="LN", act_fn="gelu")
+# Section 2: the zoo pair whose activations are collected, at the hook of the zoo's SAEs.
+COLLECT_MODELS = ("zoo:base", "zoo:finetuned")
+COLLECT_HOOK = "blocks.0.hook_resid_post"
 EARLY_HOOK = "blocks.1.hook_resid_post"
 CORPUS = "mixed"
 READ_BATCH = 4096
@@ -94,7 +94,7 @@ class CollectRun:
 
 @dataclass
 class CollectResult:
-    model: dict
+    models: str  # "`A` vs `B`"
     hook: str
     corpus: str
     batch_size: int
@@ -197,19 +197,6 @@ def bench_forward(batch: int = 32, repeats: int = 5, threads: int = 2) -> Forwar
 
 # -- 2. end-to-end collection in fresh subprocesses ----------------------------------------------
 
-def save_collect_models(folder: Path) -> tuple[str, str]:
-    """Two random-init checkpoints (different seeds) that share the byte tokenizer; returns their specs."""
-    from ..models import save_checkpoint
-    from ..tokenizer import ByteTokenizer
-
-    specs = []
-    for i, name in enumerate(("model_a", "model_b")):
-        path = Path(folder) / name
-        save_checkpoint(_random_model({**COLLECT_MODEL, "seed": i}), ByteTokenizer(), path)
-        specs.append(str(path))
-    return specs[0], specs[1]
-
-
 def _collect_config(spec: dict) -> Any:
     from ..activations import CollectConfig
 
@@ -308,8 +295,8 @@ def _run_child(spec: dict, timeout: float = 1800) -> dict:
     return json.loads(lines[-1][len(CHILD_MARKER):])
 
 
-def bench_collect(token_counts: tuple[int, ...], model_a: str, model_b: str, work: Path, threads: int = 2,
-                  batch_size: int = 32,
+def bench_collect(token_counts: tuple[int, ...], work: Path, model_a: str = COLLECT_MODELS[0],
+                  model_b: str = COLLECT_MODELS[1], hook: str = COLLECT_HOOK, threads: int = 2, batch_size: int = 32,
                   log: Callable[[str], None] = lambda _: None) -> tuple[CollectResult, dict[int, Path]]:
     """Each token count with diffkit (store written under ``work``) and with the in-memory baseline,
     each run in its own fresh process. Returns the figures and the diffkit store of each token count."""
@@ -317,7 +304,7 @@ def bench_collect(token_counts: tuple[int, ...], model_a: str, model_b: str, wor
     for tokens in token_counts:
         for method in ("diffkit", "in-memory"):
             out = Path(work) / f"store_{tokens}"
-            spec = {"method": method, "model_a": model_a, "model_b": model_b, "hook": EARLY_HOOK,
+            spec = {"method": method, "model_a": model_a, "model_b": model_b, "hook": hook,
                     "corpus": CORPUS, "tokens": tokens, "batch_size": batch_size, "threads": threads,
                     "out": str(out)}
             log(f"  {method:<9} {tokens:>9,} tokens (fresh process) ...")
@@ -329,7 +316,7 @@ def bench_collect(token_counts: tuple[int, ...], model_a: str, model_b: str, wor
             log(f"    {run.tokens_per_s:,.0f} tokens/s, peak RSS {run.peak_rss_bytes / 2**20:,.0f} MiB")
             if method == "diffkit":
                 stores[tokens] = out
-    result = CollectResult({**COLLECT_MODEL, "seed": "0 (A), 1 (B)"}, EARLY_HOOK, CORPUS, batch_size, runs,
+    result = CollectResult(f"`{model_a}` vs `{model_b}`", hook, CORPUS, batch_size, runs,
                            "a fresh `python -c` subprocess")
     return result, stores
 
@@ -408,8 +395,7 @@ def run_collect_benchmark(quick: bool = False, threads: int = 2,
     with tempfile.TemporaryDirectory(prefix="diffkit-bench-") as tmp:
         log(f"2/3 end-to-end collection, {counts[0]:,} vs {counts[1]:,} tokens ...")
         t0 = time.perf_counter()
-        model_a, model_b = save_collect_models(Path(tmp) / "models")
-        collect, stores = bench_collect(counts, model_a, model_b, Path(tmp), threads=threads, log=log)
+        collect, stores = bench_collect(counts, Path(tmp), threads=threads, log=log)
         sections["collect"] = time.perf_counter() - t0
 
         log(f"3/3 shuffled reads of the {counts[-1]:,}-token store ...")

@@ -65,12 +65,10 @@ def format_collect_report(bench: CollectBenchmark) -> str:
                      f"{row.baseline_tokens_per_s:,.0f} | {row.speedup:.2f}× | {target} |")
     lines.append("")
 
-    mc = c.model
     small, large = sorted({run.tokens for run in c.runs})[0], sorted({run.tokens for run in c.runs})[-1]
     lines += ["## 2. End-to-end collection: throughput and peak memory", "",
-              f"Two random-init `HookedTransformer`s ({mc['n_layers']} layers, d_model {mc['d_model']}, "
-              f"{mc['n_heads']} heads, d_mlp {mc['d_mlp']}, n_ctx {mc['n_ctx']}, d_vocab {mc['d_vocab']}; seeds "
-              f"{mc['seed']}) saved as diffkit checkpoints; hook `{c.hook}` of both; corpus `{c.corpus}`; "
+              f"The zoo pair {c.models} (2 layers, d_model 128; `diffkit zoo list`); hook `{c.hook}` of both; "
+              f"corpus `{c.corpus}`; "
               f"ctx 128, batch {c.batch_size} sequences. Each row ran in its own fresh process ({c.processes}); "
               "its peak RSS is the process's own high-water mark (`VmHWM` in /proc/self/status) read at its end, and *RSS before* is "
               "the same high-water mark once torch, TransformerLens and both models are loaded, so *growth* is "
