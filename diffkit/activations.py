@@ -225,6 +225,13 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
         if cfg.ctx > loaded.model.cfg.n_ctx:
             raise DiffkitError(f"--ctx {cfg.ctx} exceeds {loaded.spec}'s context length {loaded.model.cfg.n_ctx}: "
                                f"pass --ctx {loaded.model.cfg.n_ctx} or less")
+    sources = {"a": {**model_a.describe(), "hook": cfg.hook_a}, "b": {**model_b.describe(), "hook": cfg.hook_b}}
+    if manifest is not None:
+        changed = [f"model {src.upper()} {key}" for src in sources for key in sources[src]
+                   if manifest["sources"][src].get(key) != sources[src][key]]
+        if changed:
+            raise DiffkitError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run (the "
+                               "model changed on disk?); use --overwrite to collect again")
     tokenizer = model_a.tokenizer
     available = count_available_tokens(cfg, tokenizer)
     if available < cfg.tokens:
@@ -239,8 +246,7 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
         manifest = {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "diffkit_version": __version__,
                     "config": asdict(cfg), "complete": False, "seqs_per_shard": per_shard,
                     "has_bos": tokenizer.bos_id is not None, "shards": [],
-                    "sources": {"a": {**model_a.describe(), "hook": cfg.hook_a},
-                                "b": {**model_b.describe(), "hook": cfg.hook_b}}}
+                    "sources": sources}
         atomic_write_json(out / MANIFEST, manifest)
     else:
         if manifest["complete"]:

@@ -43,6 +43,7 @@ class LoadedModel:
     spec: str
     source: str  # "zoo", "checkpoint", "hf-dir" or "official"
     processing: str = "none"  # TransformerLens weight processing applied on load
+    weights_sha256: str | None = None  # of the weights file, where the model came from one (zoo, checkpoint)
 
     @property
     def d_model(self) -> int:
@@ -53,7 +54,7 @@ class LoadedModel:
         return {"spec": self.spec, "source": self.source, "processing": self.processing,
                 "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "n_ctx": int(cfg.n_ctx),
                 "d_vocab": int(cfg.d_vocab), "tokenizer": self.tokenizer.name,
-                "tokenizer_fingerprint": self.tokenizer.fingerprint}
+                "tokenizer_fingerprint": self.tokenizer.fingerprint, "weights_sha256": self.weights_sha256}
 
 
 def _tokenizer_from_json(info: dict, root: Path) -> Tokenizer:
@@ -146,6 +147,13 @@ def _load_hf_dir(path: Path, device: str) -> tuple[Any, Tokenizer]:
     return model, HFTokenizer(hf_tokenizer, name=str(path))
 
 
+def _file_sha256(path: Path) -> str:
+    """Identifies the exact weights a store was collected with (resume refuses other weights)."""
+    from .store_format import sha256_file
+
+    return sha256_file(path)
+
+
 def _official_name(spec: str) -> str | None:
     from transformer_lens import loading_from_pretrained as loading
 
@@ -162,12 +170,13 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
     if spec.startswith("zoo:"):
         path = zoo.model_dir(spec[4:])
         model, tokenizer, _ = load_checkpoint(path, device)
-        return LoadedModel(model, tokenizer, spec, "zoo")
+        return LoadedModel(model, tokenizer, spec, "zoo", weights_sha256=_file_sha256(path / WEIGHTS_FILE))
     path = Path(spec)
     if path.is_dir():
         if (path / CONFIG_FILE).exists():
             model, tokenizer, _ = load_checkpoint(path, device)
-            return LoadedModel(model, tokenizer, spec, "checkpoint")
+            return LoadedModel(model, tokenizer, spec, "checkpoint",
+                               weights_sha256=_file_sha256(path / WEIGHTS_FILE))
         if (path / "config.json").exists():
             model, tokenizer = _load_hf_dir(path, device)
             return LoadedModel(model, tokenizer, spec, "hf-dir")

@@ -290,3 +290,21 @@ def test_open_memory_maps_are_bounded(small_store, monkeypatch):
     got = [a for a, _ in fresh.iter_batches(100, seed=1)]
     assert len(fresh._arrays) <= 3
     assert all(torch.equal(x, y) for x, y in zip(expected, got)) and len(got) == len(expected)
+
+
+def test_resume_refuses_changed_model_weights(tiny_models, tmp_path):
+    import shutil
+
+    from conftest import make_checkpoint
+
+    model_b = tmp_path / "model_b"
+    shutil.copytree(tiny_models["b"], model_b)
+    cfg = small_config(tiny_models, model_b=str(model_b), tokens=2000)
+    manifest_path = tmp_path / "run" / MANIFEST
+    collect_activations(cfg, tmp_path / "run", progress=False)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:1], False  # as if killed after one shard
+    manifest_path.write_text(json.dumps(manifest))
+    make_checkpoint(model_b, d_model=48, seed=7)  # same path, other weights
+    with pytest.raises(DiffkitError, match="model B weights_sha256 differ"):
+        collect_activations(cfg, tmp_path / "run", resume=True, progress=False)
