@@ -489,12 +489,6 @@ class ActivationStore:
                 if batch_no % world_size == rank:
                     yield self._gather(carry_shard, carry_row, normalized)
 
-    def verify(self) -> None:
-        """Check every file's sha256 against the manifest (raises DiffkitError on the first mismatch)."""
-        for shard in self.manifest["shards"]:
-            for rel, record in shard["files"].items():
-                check_shard_file(self.root, rel, record, "full")
-
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:

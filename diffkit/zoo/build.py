@@ -211,6 +211,8 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
                             provenance={"recipe": asdict(recipe), "heldout_loss": losses})
             entry = {"recipe": asdict(recipe), "heldout_loss": losses, "model_seconds": round(time.time() - t0, 1)}
         model = load_checkpoint(model_dir)[0]  # the SAE sees the weights as saved
+        if "heldout_loss" not in entry:  # --saes-only on models that build.json does not describe
+            entry["heldout_loss"] = heldout_losses(model, recipe.n_ctx)
         t1 = time.time()
         entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
         entry["sae_seconds"] = round(time.time() - t1, 1)
