@@ -1,0 +1,272 @@
+"""Planted ground truth: two "models" whose shared and exclusive features are known exactly.
+
+Each model's activation is a sparse sum of feature directions (the *generating dictionary*) plus
+a mean offset and optional noise::
+
+    x_a = Σ_i c_i d^A_i + μ_A (+ noise)          over A's features (shared and A-only)
+    x_b = s_B · Σ_j c_j d^B_j + μ_B (+ noise)    over B's features (shared and B-only)
+
+A shared feature fires on the same tokens with the same coefficient in both models, and its
+direction in B is its direction in A carried through a known linear map ``M`` (a random rotation
+when the widths agree, semi-orthogonal otherwise): ``d^B = normalize(d^A M)``, the coefficient
+rescaled by ``‖d^A M‖`` so that the shared part of ``x_b`` is exactly ``s_B · (shared part of
+x_a) M``. Exclusive features are random directions that fire in one model only. Both
+dictionaries are stored in a random order, so recovering the pairing means undoing a known
+permutation.
+
+Use :func:`make_planted` for the tensors, :func:`write_planted_store` for an on-disk
+:class:`~diffkit.activations.ActivationStore` (the same format ``diffkit collect`` writes), and
+:func:`write_planted_saes` for sae-lens SAEs whose decoders are the generating dictionaries — the
+inputs every diffkit stage reads, with the right answer known.
+
+Conventions: row vectors, ``x_b ≈ x_a @ map_ab + const`` (``map_ab`` is d_a × d_b, raw units).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import DiffkitError
+from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, atomic_save_npy, atomic_write_json, shard_files
+
+PLANTED_HOOK = "planted.hook_resid"
+
+
+@dataclass(frozen=True)
+class PlantedConfig:
+    """What a planted pair looks like. Defaults give a small problem that runs in well under a second."""
+
+    d_a: int = 64
+    d_b: int = 64
+    n_shared: int = 192
+    n_a_only: int = 32
+    n_b_only: int = 32
+    k: float = 4.0            # mean number of active features per token of A (B: about the same)
+    n_tokens: int = 32_768
+    ctx: int = 64             # tokens per (fake) sequence in the written store
+    noise: float = 0.0        # isotropic Gaussian noise, std per dimension relative to the mean feature norm
+    scale_b: float = 1.0      # B's activations are s_B times larger (models differ in norm)
+    offset: float = 1.0       # norm of each model's random mean vector μ
+    zipf: float = 0.5         # feature i of a model fires with probability ∝ (rank)^-zipf
+    heldout_every: int = 10   # every n-th sequence is held out, as in ``diffkit collect``
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("d_a", "d_b", "n_tokens", "ctx"):
+            if getattr(self, name) <= 0:
+                raise DiffkitError(f"planted {name} must be positive, got {getattr(self, name)}")
+        for name in ("n_shared", "n_a_only", "n_b_only"):
+            if getattr(self, name) < 0:
+                raise DiffkitError(f"planted {name} must be ≥ 0, got {getattr(self, name)}")
+        if self.n_shared + self.n_a_only == 0 or self.n_shared + self.n_b_only == 0:
+            raise DiffkitError("each planted model needs at least one feature")
+        if not 0 < self.k <= min(self.n_shared + self.n_a_only, self.n_shared + self.n_b_only):
+            raise DiffkitError(f"planted k={self.k} must be in (0, number of features of each model]")
+
+
+@dataclass(frozen=True)
+class PlantedPair:
+    """A planted pair and its answer key. Index arrays point into the rows of ``dict_a`` / ``dict_b``."""
+
+    config: PlantedConfig
+    dict_a: np.ndarray      # (n_a, d_a) unit rows: A's generating dictionary
+    dict_b: np.ndarray      # (n_b, d_b) unit rows: B's generating dictionary
+    shared_a: np.ndarray    # (n_shared,) row of dict_a of shared feature i
+    shared_b: np.ndarray    # (n_shared,) row of dict_b of the same feature
+    a_only: np.ndarray      # rows of dict_a that B lacks
+    b_only: np.ndarray      # rows of dict_b that A lacks
+    map_ab: np.ndarray      # (d_a, d_b): shared part of x_b = (shared part of x_a - μ_A) @ map_ab + μ_B
+    codes_a: np.ndarray     # (n_tokens, n_a) float32 coefficients of A's features
+    codes_b: np.ndarray     # (n_tokens, n_b) float32 coefficients of B's features (raw units of x_b)
+    acts_a: np.ndarray      # (n_tokens, d_a) float32
+    acts_b: np.ndarray      # (n_tokens, d_b) float32
+    mean_a: np.ndarray      # μ_A
+    mean_b: np.ndarray      # μ_B
+
+    @property
+    def match_a_to_b(self) -> np.ndarray:
+        """For each row of dict_a: its partner's row in dict_b, or -1 for A-only features."""
+        out = np.full(len(self.dict_a), -1, dtype=np.int64)
+        out[self.shared_a] = self.shared_b
+        return out
+
+    @property
+    def match_b_to_a(self) -> np.ndarray:
+        """For each row of dict_b: its partner's row in dict_a, or -1 for B-only features."""
+        out = np.full(len(self.dict_b), -1, dtype=np.int64)
+        out[self.shared_b] = self.shared_a
+        return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _orthonormal_map(d_a: int, d_b: int, rng: np.random.Generator) -> np.ndarray:
+    """A d_a × d_b matrix with orthonormal rows (d_a ≤ d_b) or columns (d_a > d_b)."""
+    big, small = max(d_a, d_b), min(d_a, d_b)
+    q, r = np.linalg.qr(rng.standard_normal((big, small)))
+    q = q * np.sign(np.diag(r))  # a uniformly random orthonormal frame (Haar), not QR's sign convention
+    return q.T if d_a <= d_b else q
+
+
+def _codes(n_tokens: int, n_features: int, k: float, zipf: float, rng: np.random.Generator) -> np.ndarray:
+    """Sparse nonnegative coefficients; feature firing rates follow a Zipf-like law summing to k."""
+    rates = (1.0 + rng.permutation(n_features)) ** -zipf
+    rates = np.minimum(1.0, rates * k / rates.sum())
+    fires = rng.random((n_tokens, n_features)) < rates
+    magnitude = rng.uniform(0.5, 1.5, size=(n_tokens, n_features))
+    return np.where(fires, magnitude, 0.0).astype(np.float32)
+
+
+def make_planted(cfg: PlantedConfig = PlantedConfig()) -> PlantedPair:
+    """Draw a planted pair (deterministic in ``cfg.seed``)."""
+    rng = np.random.default_rng(cfg.seed)
+    n_a, n_b = cfg.n_shared + cfg.n_a_only, cfg.n_shared + cfg.n_b_only
+    m = _orthonormal_map(cfg.d_a, cfg.d_b, rng)
+    shared_dirs_a = _unit_rows(rng.standard_normal((cfg.n_shared, cfg.d_a)))
+    carried = shared_dirs_a @ m                              # (n_shared, d_b)
+    carried_norm = np.linalg.norm(carried, axis=1)
+    dirs_a = np.concatenate([shared_dirs_a, _unit_rows(rng.standard_normal((cfg.n_a_only, cfg.d_a)))])
+    dirs_b = np.concatenate([carried / carried_norm[:, None],
+                             _unit_rows(rng.standard_normal((cfg.n_b_only, cfg.d_b)))])
+
+    # Shared features fire together: one code matrix, A's copy and B's (rescaled) copy.
+    k_shared = cfg.k * cfg.n_shared / n_a
+    shared_codes = _codes(cfg.n_tokens, cfg.n_shared, k_shared, cfg.zipf, rng)
+    a_only_codes = _codes(cfg.n_tokens, cfg.n_a_only, cfg.k - k_shared, cfg.zipf, rng) if cfg.n_a_only else \
+        np.zeros((cfg.n_tokens, 0), np.float32)
+    k_b_only = cfg.k * cfg.n_b_only / n_b
+    b_only_codes = _codes(cfg.n_tokens, cfg.n_b_only, k_b_only, cfg.zipf, rng) if cfg.n_b_only else \
+        np.zeros((cfg.n_tokens, 0), np.float32)
+    codes_a = np.concatenate([shared_codes, a_only_codes], axis=1)
+    codes_b = cfg.scale_b * np.concatenate([shared_codes * carried_norm[None, :].astype(np.float32), b_only_codes],
+                                           axis=1)
+
+    # Hide the answer: store both dictionaries in random order.
+    perm_a, perm_b = rng.permutation(n_a), rng.permutation(n_b)  # new row r holds old feature perm[r]
+    inv_a, inv_b = np.argsort(perm_a), np.argsort(perm_b)        # old feature f sits at new row inv[f]
+    dict_a, dict_b = dirs_a[perm_a], dirs_b[perm_b]
+    codes_a, codes_b = codes_a[:, perm_a], codes_b[:, perm_b].astype(np.float32)
+
+    mean_a = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_a)))[0]
+    mean_b = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_b)))[0]
+    acts_a = codes_a @ dict_a.astype(np.float32) + mean_a.astype(np.float32)
+    acts_b = codes_b @ dict_b.astype(np.float32) + mean_b.astype(np.float32)
+    if cfg.noise > 0:
+        feature_norm = math.sqrt(cfg.k * 1.0833)  # E‖Σ c_i d_i‖ for k unit directions, c ~ U(0.5, 1.5)
+        acts_a += rng.normal(0, cfg.noise * feature_norm / math.sqrt(cfg.d_a), acts_a.shape).astype(np.float32)
+        acts_b += rng.normal(0, cfg.noise * cfg.scale_b * feature_norm / math.sqrt(cfg.d_b),
+                             acts_b.shape).astype(np.float32)
+    return PlantedPair(
+        config=cfg, dict_a=dict_a.astype(np.float32), dict_b=dict_b.astype(np.float32),
+        shared_a=inv_a[:cfg.n_shared], shared_b=inv_b[:cfg.n_shared],
+        a_only=np.sort(inv_a[cfg.n_shared:]), b_only=np.sort(inv_b[cfg.n_shared:]),
+        map_ab=(cfg.scale_b * m).astype(np.float32), codes_a=codes_a, codes_b=codes_b,
+        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
+        mean_a=mean_a.astype(np.float32), mean_b=mean_b.astype(np.float32))
+
+
+def _token_ids(pair: PlantedPair) -> np.ndarray:
+    """Readable fake tokens: the letter of the token's strongest A feature ('a'..'z'), space if none."""
+    strongest = pair.codes_a.argmax(axis=1)
+    return np.where(pair.codes_a.max(axis=1) > 0, 97 + strongest % 26, 32).astype(np.int32)
+
+
+def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int = 64) -> Path:
+    """Write ``pair``'s activations as an ActivationStore at ``out`` (same format as ``diffkit collect``).
+
+    Tokens are cut into sequences of ``ctx`` positions (no BOS); every ``heldout_every``-th
+    sequence is held out; within a shard, training rows come first, as the reader expects. The
+    trailing tokens that do not fill a sequence are dropped.
+    """
+    from .activations import CollectConfig, _finish, is_heldout
+
+    cfg = pair.config
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DiffkitError(f"{out} exists and is not empty: choose a new directory for the planted store")
+    n_seqs = cfg.n_tokens // cfg.ctx
+    if n_seqs == 0:
+        raise DiffkitError(f"planted n_tokens {cfg.n_tokens} is less than one sequence of ctx {cfg.ctx}")
+    ids = _token_ids(pair)[:n_seqs * cfg.ctx].reshape(n_seqs, cfg.ctx)
+    collect = CollectConfig(model_a="planted:a", model_b="planted:b", hook_a=PLANTED_HOOK, hook_b=PLANTED_HOOK,
+                            corpus=f"planted:seed{cfg.seed}", tokens=n_seqs * cfg.ctx, ctx=cfg.ctx, seed=cfg.seed,
+                            heldout_every=cfg.heldout_every)
+    sources = {src: {"spec": f"planted:{src}", "d_model": d, "hook": PLANTED_HOOK, "planted": asdict(cfg)}
+               for src, d in (("a", cfg.d_a), ("b", cfg.d_b))}
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "diffkit_version": __version__,
+                "config": asdict(collect), "complete": False, "seqs_per_shard": seqs_per_shard, "has_bos": False,
+                "shards": [], "sources": sources}
+    for index, seq_start in enumerate(range(0, n_seqs, seqs_per_shard)):
+        seqs = np.arange(seq_start, min(n_seqs, seq_start + seqs_per_shard))
+        held = np.array([is_heldout(int(s), cfg.heldout_every) for s in seqs], dtype=bool)
+        ordered = np.concatenate([seqs[~held], seqs[held]])  # training sequences first
+        local = np.arange(len(seqs))
+        local_ordered = np.concatenate([local[~held], local[held]])
+        rows = (ordered[:, None] * cfg.ctx + np.arange(cfg.ctx)).ravel()
+        flat = (local_ordered[:, None] * cfg.ctx + np.arange(cfg.ctx)).ravel().astype(np.int64)
+        names = shard_files(index)
+        n_train = int((~held).sum()) * cfg.ctx
+        record = {"index": index, "seq_start": int(seq_start), "n_seqs": len(seqs), "n_tokens": len(rows),
+                  "n_train": n_train, "norm_sum": {}, "files": {}}
+        arrays = {"ids": ids[seqs], "pos": flat, "a": pair.acts_a[rows], "b": pair.acts_b[rows]}
+        for src in ("a", "b"):
+            record["norm_sum"][src] = float(np.linalg.norm(arrays[src][:n_train], axis=1).sum(dtype=np.float64))
+        for key, array in arrays.items():
+            record["files"][names[key]] = atomic_save_npy(out / names[key], array)
+        manifest["shards"].append(record)
+    _finish(manifest, {"a": cfg.d_a, "b": cfg.d_b})
+    atomic_write_json(out / MANIFEST, manifest)
+    return out
+
+
+def planted_sae(dictionary: np.ndarray, mean: np.ndarray, k: int, jitter: float = 0.0, seed: int = 0):
+    """A sae-lens TopK SAE whose decoder is ``dictionary`` (optionally jittered): exact directions.
+
+    Encoder = decoder transposed (so a feature's activation approximates its generating
+    coefficient, up to interference from the other active features in superposition; on the
+    default config its FVU is about 0.25), ``b_dec`` = the model's mean; ``jitter`` adds Gaussian noise of that relative
+    size to each decoder row before renormalizing, so cosines are below 1 as with trained SAEs.
+    """
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    rng = np.random.default_rng(seed)
+    dec = dictionary.astype(np.float64)
+    if jitter > 0:
+        dec = _unit_rows(dec + jitter * rng.standard_normal(dec.shape) / math.sqrt(dec.shape[1]))
+    sae = TopKSAE(TopKSAEConfig(d_in=dictionary.shape[1], d_sae=dictionary.shape[0], k=k))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(dec).float())
+        sae.W_enc.copy_(torch.from_numpy(dec.T).float())
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(torch.from_numpy(mean).float())
+    sae.cfg.metadata.hook_name = PLANTED_HOOK
+    return sae
+
+
+def write_planted_saes(pair: PlantedPair, dir_a: str | Path, dir_b: str | Path, k: int | None = None,
+                       jitter: float = 0.0) -> tuple[Path, Path]:
+    """Save sae-lens SAEs for A and B (decoders = the generating dictionaries) in sae-lens's format.
+
+    ``k`` defaults to the mean number of active features, rounded (more adds interference). Both SAEs read raw
+    activations; their feature activations are in the units of ``codes_a`` / ``codes_b``.
+    """
+    cfg = pair.config
+    k = k if k is not None else max(1, round(cfg.k))
+    paths = []
+    for src, dictionary, mean, out in (("a", pair.dict_a, pair.mean_a, dir_a), ("b", pair.dict_b, pair.mean_b, dir_b)):
+        sae = planted_sae(dictionary, mean, k=min(k, len(dictionary)), jitter=jitter, seed=cfg.seed + (src == "b"))
+        sae.cfg.metadata.model_name = f"planted:{src}"
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        sae.save_model(str(out))
+        paths.append(out)
+    return paths[0], paths[1]
