@@ -289,12 +289,12 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
             index += 1
             seq_start += len(chunk)
     bar.close()
-    _finish(manifest, d)
+    finish_manifest(manifest, d)
     atomic_write_json(out / MANIFEST, manifest)
     return _summary(out, manifest, time.time() - t0, done_shards)
 
 
-def _finish(manifest: dict, d: dict[str, int]) -> None:
+def finish_manifest(manifest: dict, d: dict[str, int]) -> None:
     shards = manifest["shards"]
     n_train = sum(s["n_train"] for s in shards)
     n_all = sum(s["n_tokens"] for s in shards)

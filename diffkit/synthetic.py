@@ -185,7 +185,7 @@ def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int 
     sequence is held out; within a shard, training rows come first, as the reader expects. The
     trailing tokens that do not fill a sequence are dropped.
     """
-    from .activations import CollectConfig, _finish, is_heldout
+    from .activations import CollectConfig, finish_manifest, is_heldout
 
     cfg = pair.config
     out = Path(out)
@@ -222,7 +222,7 @@ def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int 
         for key, array in arrays.items():
             record["files"][names[key]] = atomic_save_npy(out / names[key], array)
         manifest["shards"].append(record)
-    _finish(manifest, {"a": cfg.d_a, "b": cfg.d_b})
+    finish_manifest(manifest, {"a": cfg.d_a, "b": cfg.d_b})
     atomic_write_json(out / MANIFEST, manifest)
     return out
 
