@@ -1,0 +1,441 @@
+"""The training-free diff: activation store + linear map + two SAEs -> FeatureDiff.
+
+Steps (:func:`align`): check both SAEs against the store (width, hook, finite weights); carry A's
+decoder directions into B's space through the linear part of the A→B map; one pass over the
+store's tokens encoding A's activations with A's SAE and B's with B's (same tokens) for
+per-feature statistics; optimal one-to-one assignment (:mod:`diffkit.matching`); pairs below the
+similarity threshold become unmatched (A-only / B-only); a second pass for the pair correlations.
+
+Table columns (``features.parquet`` / ``features.csv``; one row per matched pair or unmatched feature):
+
+=====================  ===========================================================================
+kind                   ``shared`` (matched pair), ``a_only``, ``b_only``
+feature_a, feature_b   SAE latent index in A / B (−1 where the row has no such side)
+similarity             similarity of the pair the assignment made (for unmatched rows: with the
+                       partner it was assigned and rejected, NaN if it got none): cosine, or the
+                       blend with activation correlation when ``cost`` is ``corr``/``blend``
+cosine                 cos(W_dec_A[a] @ W_ab, W_dec_B[b]) for that pair
+enc_norm_a, _b         ‖effective encoder column‖ (for sae-lens TopK SAEs with
+                       ``rescale_acts_by_decoder_norm``, ‖W_enc[:, i]‖·‖W_dec[i]‖, the functional
+                       that actually produces the pre-activation)
+enc_norm_diff          enc_norm_a − enc_norm_b (the original method's score, signed; its |·| ranks)
+enc_norm_diff_robust   enc_norm_a / robust_a − enc_norm_b / robust_b, robust = median over that
+                       SAE's features (not the max: one outlier rescaled everything, failure 4)
+freq_a, freq_b         fraction of the store's tokens on which the feature is > 0
+mean_act_a, _b         mean activation over all tokens (activation mass per token)
+freq_log_ratio         log((freq_a + ε) / (freq_b + ε)), ε = 1 / n_tokens
+mean_act_log_ratio     log((mean_act_a + ε) / (mean_act_b + ε)), ε = 1e-3 · median mean_act of both SAEs
+pair_corr              Pearson correlation over tokens of the two features' activations
+score                  the ``rank_by`` difference score (higher = more different); unmatched rows:
+                       their activation mass (mean_act)
+rank                   1 = most different, within each kind
+=====================  ===========================================================================
+
+Rank-by methods (:data:`RANKINGS`): ``enc-norm`` |enc_norm_diff|; ``enc-norm-robust``
+|enc_norm_diff_robust| (default); ``freq`` |freq_log_ratio|; ``mean-act`` |mean_act_log_ratio|;
+``corr`` 1 − pair_corr.
+
+Default threshold (:data:`DEFAULT_THRESHOLD` = 0.5), chosen on the seed-pair control. Run:
+zoo:base vs zoo:base-seed1 (same data and recipe, another seed), their zoo SAEs (1024 latents,
+d = 128), a 100k-token ``mixed`` store, lstsq map (held-out FVE 0.58 / 0.59), cosine cost. Null:
+the same problem with A's carried directions turned by a random orthogonal matrix before the
+assignment, so that no assigned pair is real (5 rotations). Estimated false-discovery rate at
+threshold t = (mean null pairs with similarity ≥ t) / (observed pairs ≥ t):
+
+====  ============  ==========  =====
+t     seed pairs    null pairs  FDR
+====  ============  ==========  =====
+0.35  736           21.2        2.9%
+0.40  529           1.2         0.2%
+0.45  317           0.0         0
+0.50  191           0.0         0
+====  ============  ==========  =====
+
+The largest null similarity over the 5 rotations was 0.447, so 0.5 is the first 0.05 step above
+every chance pair: a pair called shared at the default is not a coincidence of high-dimensional
+geometry. (base vs finetuned under the same null: max 0.409; 538 pairs ≥ 0.5.) The chance level
+falls as d grows (≈ 3.5/sqrt(d) for 1024 candidates), so on wide models 0.5 is conservative;
+``summary.json`` lists the counts at 0.3…0.9 so another cut needs no rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DiffkitError
+from .matching import Assignment, assign
+from .metrics import log_ratio, robust_scale
+
+DIFF_KIND = "diffkit.FeatureDiff"
+DIFF_FORMAT_VERSION = 1
+DEFAULT_THRESHOLD = 0.5
+RANKINGS = ("enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
+COSTS = ("cosine", "corr", "blend")
+SPLITS = ("all", "train", "heldout")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Options of an alignment (saved as ``config.json`` beside the table)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    cost: str = "cosine"
+    blend: float = 0.5
+    solver: str = "auto"
+    k: int = 32
+    rank_by: str = "enc-norm-robust"
+    split: str = "all"
+    batch_size: int = 4096
+    n_contexts: int = 3
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise DiffkitError(f"--threshold is a similarity in [-1, 1], got {self.threshold}")
+        if self.cost not in COSTS:
+            raise DiffkitError(f"unknown --cost {self.cost!r}: use one of {', '.join(COSTS)}")
+        if self.rank_by not in RANKINGS:
+            raise DiffkitError(f"unknown --rank-by {self.rank_by!r}: use one of {', '.join(RANKINGS)}")
+        if self.split not in SPLITS:
+            raise DiffkitError(f"unknown --split {self.split!r}: use one of {', '.join(SPLITS)}")
+        if self.k < 1 or self.batch_size < 1 or self.n_contexts < 0:
+            raise DiffkitError("--k and --batch-size must be positive and --contexts non-negative")
+
+
+@dataclass
+class FeatureStats:
+    """Per-feature statistics of one SAE over the store's tokens, plus its top-activating token rows."""
+
+    freq: np.ndarray
+    mean_act: np.ndarray
+    sum: np.ndarray
+    sumsq: np.ndarray
+    top_rows: np.ndarray  # (n_features, m) split-relative row indices, best first (−1: fewer firings)
+    n: int
+
+
+@dataclass
+class FeatureDiff:
+    """The result: the table, the assignment, and what the summary reports."""
+
+    table: Any  # pandas.DataFrame
+    assignment: Assignment
+    summary: dict
+    config: AlignConfig
+    contexts: dict  # ("a"|"b", feature) -> list of (text, marked token offset)
+
+
+def effective_encoder_norms(sae: Any) -> np.ndarray:
+    norms = sae.W_enc.norm(dim=0)
+    if getattr(sae.sae.cfg, "rescale_acts_by_decoder_norm", False):
+        norms = norms * sae.W_dec.norm(dim=1)
+    return norms.double().numpy()
+
+
+def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool, pairs: tuple | None,
+               progress: bool) -> dict:
+    """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs)."""
+    import torch
+    from tqdm import tqdm
+
+    n_a, n_b = sae_a.d_sae, sae_b.d_sae
+    scale_a, scale_b = store.scale("a"), store.scale("b")
+    m = cfg.n_contexts
+    acc = {s: {"count": torch.zeros(n, dtype=torch.float64), "sum": torch.zeros(n, dtype=torch.float64),
+               "sumsq": torch.zeros(n, dtype=torch.float64),
+               "top_val": torch.full((n, max(m, 1)), -1.0), "top_row": torch.full((n, max(m, 1)), -1, dtype=torch.int64)}
+           for s, n in (("a", n_a), ("b", n_b))}
+    full = torch.zeros(n_a, n_b, dtype=torch.float64) if cross else None
+    pair_sum = torch.zeros(len(pairs[0]), dtype=torch.float64) if pairs is not None else None
+    pa = torch.from_numpy(pairs[0]) if pairs is not None else None
+    pb = torch.from_numpy(pairs[1]) if pairs is not None else None
+    row0, n = 0, store.n_tokens(cfg.split)
+    batches = store.iter_batches(cfg.batch_size, split=cfg.split, shuffle=False, drop_last=False, normalized=False)
+    for xa, xb in tqdm(batches, total=-(-n // cfg.batch_size), desc="encode", unit="batch", disable=not progress):
+        fa, fb = sae_a.encode(xa, scale_a), sae_b.encode(xb, scale_b)
+        rows = torch.arange(row0, row0 + len(fa))
+        for s, f in (("a", fa), ("b", fb)):
+            st = acc[s]
+            f64 = f.double()
+            st["count"] += (f > 0).sum(0)
+            st["sum"] += f64.sum(0)
+            st["sumsq"] += (f64 ** 2).sum(0)
+            if m:
+                kk = min(m, len(f))
+                bv, bi = f.topk(kk, dim=0)  # (kk, n)
+                vals = torch.cat([st["top_val"], bv.T], 1)
+                idx = torch.cat([st["top_row"], rows[bi].T], 1)
+                keep = vals.topk(m, dim=1).indices
+                st["top_val"], st["top_row"] = vals.gather(1, keep), idx.gather(1, keep)
+        if full is not None:
+            full += fa.double().T @ fb.double()
+        if pair_sum is not None:
+            pair_sum += (fa[:, pa].double() * fb[:, pb].double()).sum(0)
+        row0 += len(fa)
+    out = {"n": row0, "full": full, "pair_sum": pair_sum}
+    for s in ("a", "b"):
+        st = acc[s]
+        top = st["top_row"].clone()
+        top[st["top_val"] <= 0] = -1  # a row where the feature did not fire is no example
+        out[s] = FeatureStats(freq=(st["count"] / max(1, row0)).numpy(), mean_act=(st["sum"] / max(1, row0)).numpy(),
+                              sum=st["sum"].numpy(), sumsq=st["sumsq"].numpy(), top_rows=top[:, :m].numpy(), n=row0)
+    return out
+
+
+def correlation(cross_sum: np.ndarray, a: FeatureStats, b: FeatureStats, ia: Any = slice(None),
+                ib: Any = slice(None)) -> np.ndarray:
+    """Pearson r from sums: (nΣab − ΣaΣb) / sqrt((nΣa² − (Σa)²)(nΣb² − (Σb)²)); 0 where a side is constant."""
+    n = a.n
+    sa, sb = a.sum[ia], b.sum[ib]
+    va = np.maximum(n * a.sumsq[ia] - sa ** 2, 0.0)
+    vb = np.maximum(n * b.sumsq[ib] - sb ** 2, 0.0)
+    if np.ndim(cross_sum) == 2:
+        num = n * cross_sum - np.outer(sa, sb)
+        den = np.sqrt(np.outer(va, vb))
+    else:
+        num = n * cross_sum - sa * sb
+        den = np.sqrt(va * vb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndarray, enc_a: np.ndarray,
+           enc_b: np.ndarray, rank_by: str) -> Any:
+    import pandas as pd
+
+    sa, sb = stats["a"], stats["b"]
+    matched = asg.matched
+    ia, ib = asg.pair_a[matched], asg.pair_b[matched]
+    eps_f = 1.0 / max(1, sa.n)
+    eps_m = 1e-3 * max(float(np.median(np.concatenate([sa.mean_act, sb.mean_act]))), 1e-12)
+    rob_a, rob_b = robust_scale(enc_a), robust_scale(enc_b)
+    shared = pd.DataFrame({
+        "kind": "shared", "feature_a": ia, "feature_b": ib, "similarity": asg.similarity[matched],
+        "cosine": cosines[matched], "enc_norm_a": enc_a[ia], "enc_norm_b": enc_b[ib]})
+    shared["enc_norm_diff"] = shared.enc_norm_a - shared.enc_norm_b
+    shared["enc_norm_diff_robust"] = shared.enc_norm_a / rob_a - shared.enc_norm_b / rob_b
+    shared["freq_a"], shared["freq_b"] = sa.freq[ia], sb.freq[ib]
+    shared["mean_act_a"], shared["mean_act_b"] = sa.mean_act[ia], sb.mean_act[ib]
+    shared["freq_log_ratio"] = log_ratio(shared.freq_a, shared.freq_b, eps_f)
+    shared["mean_act_log_ratio"] = log_ratio(shared.mean_act_a, shared.mean_act_b, eps_m)
+    shared["pair_corr"] = pair_corr[matched]
+    shared["score"] = {"enc-norm": shared.enc_norm_diff.abs(), "enc-norm-robust": shared.enc_norm_diff_robust.abs(),
+                       "freq": shared.freq_log_ratio.abs(), "mean-act": shared.mean_act_log_ratio.abs(),
+                       "corr": 1.0 - shared.pair_corr}[rank_by]
+    partner_a = {int(a): (int(b), float(s), float(c)) for a, b, s, c in
+                 zip(asg.pair_a, asg.pair_b, asg.similarity, cosines)}
+    partner_b = {b: (a, s, c) for a, (b, s, c) in partner_a.items()}
+    parts = [shared]
+    for side, only, enc, st, partner in (("a", asg.a_only, enc_a, sa, partner_a), ("b", asg.b_only, enc_b, sb, partner_b)):
+        got = [partner.get(int(i), (-1, np.nan, np.nan)) for i in only]
+        df = pd.DataFrame({"kind": f"{side}_only",
+                           "feature_a": only if side == "a" else -1, "feature_b": only if side == "b" else -1,
+                           "similarity": [g[1] for g in got], "cosine": [g[2] for g in got],
+                           f"enc_norm_{side}": enc[only], f"freq_{side}": st.freq[only],
+                           f"mean_act_{side}": st.mean_act[only]})
+        df["score"] = df[f"mean_act_{side}"]
+        parts.append(df)
+    table = pd.concat(parts, ignore_index=True)
+    table["feature_a"] = table.feature_a.astype(np.int64)
+    table["feature_b"] = table.feature_b.astype(np.int64)
+    order = {"a_only": 0, "b_only": 1, "shared": 2}
+    table = table.sort_values(["kind", "score"], key=lambda c: c.map(order) if c.name == "kind" else -c,
+                              kind="stable").reset_index(drop=True)
+    table["rank"] = table.groupby("kind").cumcount() + 1
+    return table
+
+
+def _decode_contexts(store: Any, rows: np.ndarray, split: str, tokenizer: Any, window: int = 12) -> list[str]:
+    rows = rows[rows >= 0]
+    if len(rows) == 0:
+        return []
+    out = []
+    for ids, off in store.contexts(rows, split=split, window=window):
+        left, tok, right = (tokenizer.decode(ids[:off]), tokenizer.decode(ids[off:off + 1]),
+                            tokenizer.decode(ids[off + 1:]))
+        out.append((left + "[[" + tok + "]]" + right).replace("\n", "⏎"))
+    return out
+
+
+def _store_tokenizer(store: Any) -> Any:
+    from .tokenizer import ByteTokenizer
+
+    spec = str(store.manifest["sources"]["a"].get("spec", ""))
+    tok = store.manifest["sources"]["a"].get("tokenizer")
+    if spec.startswith(("zoo:", "planted:")) or tok in (None, ByteTokenizer.name) or "byte" in str(tok):
+        return ByteTokenizer()
+    try:
+        from .models import load_model
+
+        return load_model(spec).tokenizer
+    except Exception:  # contexts are a courtesy: fall back to bytes rather than fail the diff
+        return ByteTokenizer()
+
+
+def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = AlignConfig(), progress: bool = False,
+          log: Callable[[str], None] = lambda _: None) -> FeatureDiff:
+    """Run the training-free diff (module docstring); SAEs are :class:`~diffkit.saes.LoadedSAE`."""
+    from .saes import check_against_store
+
+    t0 = time.perf_counter()
+    notes = check_against_store(sae_a, store, "a") + check_against_store(sae_b, store, "b")
+    if (lmap.d_a_, lmap.d_b_) != (store.d_model("a"), store.d_model("b")):
+        raise DiffkitError(f"the map was fitted for widths {lmap.d_a_} -> {lmap.d_b_}, the store has "
+                           f"{store.d_model('a')} -> {store.d_model('b')}: fit the map on this store")
+    if store.n_tokens(cfg.split) == 0:
+        raise DiffkitError(f"the store has no tokens in split {cfg.split!r}: use --split all or collect more tokens")
+    carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
+    dirs_b = sae_b.W_dec.double().numpy()
+    need_cross = cfg.cost != "cosine"
+    if need_cross and sae_a.d_sae * sae_b.d_sae > 1 << 27:
+        raise DiffkitError(f"--cost {cfg.cost} needs the full {sae_a.d_sae}×{sae_b.d_sae} correlation matrix: too "
+                           "large; use --cost cosine for SAEs this size")
+    stats = _stat_pass(store, sae_a, sae_b, cfg, cross=need_cross, pairs=None, progress=progress)
+    t_stats = time.perf_counter()
+    extra = correlation(stats["full"].numpy(), stats["a"], stats["b"]) if need_cross else None
+    asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
+                 blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
+    t_assign = time.perf_counter()
+    from .matching import unit_rows
+
+    cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
+    if extra is not None:
+        pair_corr = extra[asg.pair_a, asg.pair_b]
+    else:
+        pair_stats = _stat_pass(store, sae_a, sae_b, AlignConfig(**{**asdict(cfg), "n_contexts": 0}), cross=False,
+                                pairs=(asg.pair_a, asg.pair_b), progress=progress)
+        pair_corr = correlation(pair_stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
+    n_matched = int(asg.matched.sum())
+    if n_matched == 0:
+        raise DiffkitError(f"no feature pair reaches similarity {cfg.threshold} (best assigned pair: "
+                           f"{float(asg.similarity.max()):.3f}; SAE sizes {sae_a.d_sae} and {sae_b.d_sae}): these SAEs "
+                           "share nothing at this threshold; check that they belong to the store's models and hooks, "
+                           "or lower --threshold")
+    table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
+                   cfg.rank_by)
+    summary = _summary(asg, lmap, stats, cfg, notes, table, pair_corr,
+                       {"stats": t_stats - t0, "assign": t_assign - t_stats, "total": time.perf_counter() - t0})
+    contexts = {}
+    if cfg.n_contexts:
+        tok = _store_tokenizer(store)
+        for side in ("a", "b"):
+            for i in _top_features(table, side, 5):
+                contexts[(side, i)] = _decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
+    return FeatureDiff(table, asg, summary, cfg, contexts)
+
+
+def _top_features(table: Any, side: str, n: int) -> list[int]:
+    only = table[table.kind == f"{side}_only"].head(n)[f"feature_{side}"].tolist()
+    shared = table[table.kind == "shared"]
+    lean = shared.enc_norm_diff_robust > 0 if side == "a" else shared.enc_norm_diff_robust < 0
+    return only + shared[lean].head(n)[f"feature_{side}"].tolist()
+
+
+def _summary(asg: Assignment, lmap: Any, stats: dict, cfg: AlignConfig, notes: list[str], table: Any,
+             pair_corr: np.ndarray, seconds: dict) -> dict:
+    sim = asg.similarity.astype(np.float64)
+    qs = [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99]
+    at = {}
+    for t in sorted({0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, cfg.threshold}):
+        m = int((sim >= t).sum())
+        at[f"{t:g}"] = {"shared": m, "a_only": asg.n_a - m, "b_only": asg.n_b - m}
+    hist, edges = np.histogram(sim, bins=20, range=(-1.0, 1.0))
+    shared = table[table.kind == "shared"]
+    return {
+        "threshold": cfg.threshold, "n_a": asg.n_a, "n_b": asg.n_b,
+        "counts": {"shared": int(len(shared)), "a_only": int((table.kind == "a_only").sum()),
+                   "b_only": int((table.kind == "b_only").sum())},
+        "counts_at_thresholds": at,
+        "similarity_quantiles": {f"{q:g}": float(np.quantile(sim, q)) for q in qs},
+        "similarity_mean": float(sim.mean()),
+        "similarity_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        "total_cost": asg.total_cost, "solver": asg.solver, "k": asg.k,
+        "map": {"method": lmap.method, "space": lmap.space, "scores": {d: {k: v for k, v in s.items()
+                                                                         if k != "heldout_fve_per_dim"}
+                                                                     for d, s in lmap.scores_.items()}},
+        "score_medians_shared": {c: float(shared[c].abs().median()) if len(shared) else float("nan")
+                                 for c in ("enc_norm_diff", "enc_norm_diff_robust", "freq_log_ratio",
+                                           "mean_act_log_ratio")},
+        "pair_corr_median_shared": float(np.median(pair_corr[asg.matched])) if asg.matched.any() else float("nan"),
+        "tokens": stats["a"].n, "split": cfg.split, "rank_by": cfg.rank_by, "notes": notes, "seconds": seconds,
+        "dead": {"a": int((stats["a"].freq == 0).sum()), "b": int((stats["b"].freq == 0).sum())},
+        "similarity_definition": "1 - cost of the assignment: cosine of A's decoder direction carried by the map's "
+                                 "linear part vs B's decoder direction" + (
+                                     "" if cfg.cost == "cosine" else f", blended ({cfg.cost}, blend {cfg.blend}) with "
+                                     "the Pearson correlation of the two features' activations"),
+    }
+
+
+def save_diff(diff: FeatureDiff, out: str | Path, inputs: dict) -> Path:
+    """Write features.parquet, features.csv, summary.json, contexts.json, then config.json (marks it complete)."""
+    import io
+
+    from .store_format import atomic_write_bytes, atomic_write_json
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DiffkitError(f"--out {out} is a file: pass a directory path")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists():
+        (out / "config.json").unlink()
+    buf = io.BytesIO()
+    diff.table.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "features.parquet", buf.getvalue())
+    atomic_write_bytes(out / "features.csv", diff.table.to_csv(index=False).encode())
+    atomic_write_json(out / "summary.json", diff.summary)
+    atomic_write_json(out / "contexts.json", [{"side": s, "feature": int(i), "contexts": c}
+                                              for (s, i), c in diff.contexts.items()])
+    atomic_write_json(out / "config.json", {"kind": DIFF_KIND, "format_version": DIFF_FORMAT_VERSION,
+                                            "config": asdict(diff.config), "inputs": inputs})
+    return out
+
+
+def load_table(out: str | Path) -> Any:
+    import pandas as pd
+
+    out = Path(out)
+    if not (out / "config.json").exists():
+        raise DiffkitError(f"{out} is not a complete FeatureDiff (no config.json): run `diffkit align --out {out}`")
+    meta = json.loads((out / "config.json").read_text())
+    if meta.get("kind") != DIFF_KIND:
+        raise DiffkitError(f"{out / 'config.json'} is not a FeatureDiff")
+    return pd.read_parquet(out / "features.parquet")
+
+
+def format_summary(diff: FeatureDiff, top: int = 5) -> str:
+    """The printed summary: counts, map quality, match quality, and the top features each way with contexts."""
+    s, t = diff.summary, diff.table
+    q = s["similarity_quantiles"]
+    m = s["map"]["scores"]
+    lines = [f"map ({s['map']['method']}): held-out FVE A→B {m['a_to_b']['heldout_fve']:.3f}, "
+             f"B→A {m['b_to_a']['heldout_fve']:.3f}",
+             f"assignment ({s['solver']}): similarity of assigned pairs median {q['0.5']:.3f} "
+             f"(10% {q['0.1']:.3f}, 90% {q['0.9']:.3f})",
+             f"at threshold {s['threshold']:g}: {s['counts']['shared']} shared, {s['counts']['a_only']} A-only, "
+             f"{s['counts']['b_only']} B-only (of {s['n_a']} A and {s['n_b']} B features; {s['tokens']:,} tokens)"]
+    for note in s["notes"]:
+        lines.append(f"note: {note}")
+    for side, name in (("a", "A"), ("b", "B")):
+        only = t[t.kind == f"{side}_only"].head(top)
+        lines.append(f"top {name}-only features (by activation mass):")
+        for _, r in only.iterrows():
+            i = int(r[f"feature_{side}"])
+            lines.append(f"  {name}#{i:<6} freq {r[f'freq_{side}']:.4f} mean act {r[f'mean_act_{side}']:.4f} "
+                         f"best partner sim {r.similarity:.2f}")
+            for ctx in diff.contexts.get((side, i), [])[:3]:
+                lines.append(f"      {ctx!r}")
+    shared = t[t.kind == "shared"].head(top)
+    lines.append(f"top shared pairs by {diff.config.rank_by} (most different first):")
+    for _, r in shared.iterrows():
+        a, b = int(r.feature_a), int(r.feature_b)
+        lines.append(f"  A#{a:<6} ~ B#{b:<6} sim {r.similarity:.2f} score {r.score:.3f} enc norm {r.enc_norm_a:.3f} vs "
+                     f"{r.enc_norm_b:.3f}, freq {r.freq_a:.4f} vs {r.freq_b:.4f}, corr {r.pair_corr:.2f}")
+        for ctx in (diff.contexts.get(("a", a)) or diff.contexts.get(("b", b)) or [])[:2]:
+            lines.append(f"      {ctx!r}")
+    return "\n".join(lines)
