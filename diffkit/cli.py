@@ -347,5 +347,10 @@ def bench_align(out, quick, threads, skip_65k):
     click.echo(f"report written to {out}")
 
 
+from baselines.crosscoder.cli import bench_crosscoder, crosscoder  # noqa: E402  (crosscoder baseline)
+main.add_command(crosscoder)
+bench.add_command(bench_crosscoder)
+
+
 if __name__ == "__main__":
     main()
