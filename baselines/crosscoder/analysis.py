@@ -1,0 +1,326 @@
+"""Per-latent analysis of a two-source crosscoder: the LatentTable and its summary.
+
+LatentTable columns (one row per latent; norms are of the decoder in normalized space)::
+
+    latent            index i
+    label             dead | A-only | B-only | shared | intermediate (thresholds below)
+    dead              did not fire on any analysed token
+    dec_norm_a/_b     n_A = ‖W_dec[i, A]‖, n_B = ‖W_dec[i, B]‖
+    rel_norm_r_b      r = n_B / (n_A + n_B)        (Anthropic 2024; 0 = A-only, 1 = B-only)
+    rel_norm_delta_b  Δ = ((n_B − n_A) / max(n_A, n_B) + 1) / 2   (Minder et al. 2025 with B as
+                      their "chat" model; 0 = A-only, 1 = B-only)
+    dec_cos_ab        cos(W_dec[i, A], W_dec[i, B]) when the widths match (NaN otherwise)
+    freq              fraction of tokens where f_i > 0
+    mean_act          mean_t f_i,t;  mean_act_active: mean over tokens where f_i > 0
+    beta_{rec,err}_{a,b}, nu_{rec,err}   Latent Scaling (exclusive latents; see below)
+
+Labels from r: ``A-only`` if r ≤ 0.1, ``B-only`` if r ≥ 0.9, ``shared`` if 0.3 ≤ r ≤ 0.7,
+``intermediate`` otherwise (the thresholds are options; r ≤ 0.1 is Δ ≤ 1/18).
+
+Latent Scaling (Minder et al. 2025), closed form: for an exclusive latent ``j`` with owner ``o`` and
+direction ``d = W_dec[j, o]``, for each source ``m`` (of the owner's width)::
+
+    β_m = Σ_t f_j,t ⟨y_m,t, d⟩ / (‖d‖² Σ_t f_j,t²)      (least squares of y_m,t ≈ β f_j,t d)
+
+with ``y = x̂_m`` (reconstruction, β_rec) or ``y = x_m − x̂_m + f_j W_dec[j, m]`` (error with the
+latent's own contribution put back, β_err). ``ν = β_other / β_owner``: near 0 for a truly
+exclusive latent; near 1 means the other model also carries the direction (Complete Shrinkage or
+Latent Decoupling of the L1 loss).
+
+Summary scores (formulas also written into ``summary.json``):
+
+- FVE per source: ``1 − Σ‖x − x̂‖² / Σ‖x − μ‖²`` over the analysed tokens (normalized units).
+- sharedness ``S = Σ_i w_i (1 − |2 r_i − 1|) / Σ_i w_i`` over live latents, ``w_i = mean_act_i ·
+  (n_A,i + n_B,i)`` (each latent's mean contribution to the reconstruction); 1 when every latent is
+  used equally by both models (identical models), 0 when every latent belongs to one.
+- CCA alignment: mean canonical correlation ``(1/k) Σ_j ρ_j`` of the two models' activations on the
+  analysed tokens (``k = min(d_A, d_B)``; exactly 1 for identical models, ≈0 for independent ones);
+  and the same between the decoder blocks ``W_dec[:, A]`` and ``W_dec[:, B]`` with live latents as
+  observations (1 when one is a linear map of the other).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffkit.errors import DiffkitError
+from diffkit.store_format import atomic_write_json
+
+from .metrics import FveAccumulator
+from .model import CrossCoder
+
+LABELS = ("A-only", "B-only", "shared", "intermediate", "dead")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    crosscoder: str
+    acts: str
+    out: str
+    split: str = "heldout"
+    tokens: int = 200_000          # at most this many tokens of the split are analysed
+    batch_size: int = 4096
+    exclusive_r: float = 0.1       # r ≤ this: A-only, r ≥ 1 − this: B-only
+    shared_lo: float = 0.3
+    shared_hi: float = 0.7
+    top_n: int = 5                 # top latents each way in the summary
+    n_contexts: int = 4            # top-activating contexts per listed latent
+    window: int = 24
+
+
+def relative_norms(n_A: torch.Tensor, n_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, Δ): ``r = n_B/(n_A+n_B)``, ``Δ = ((n_B − n_A)/max(n_A, n_B) + 1)/2``; both 1 = B-only."""
+    total = (n_A + n_B).clamp(min=1e-12)
+    return n_B / total, ((n_B - n_A) / torch.maximum(n_A, n_B).clamp(min=1e-12) + 1) / 2
+
+
+def label_latents(r: torch.Tensor, dead: torch.Tensor, cfg: AnalyzeConfig) -> list[str]:
+    out = []
+    for ri, di in zip(r.tolist(), dead.tolist()):
+        if di:
+            out.append("dead")
+        elif ri <= cfg.exclusive_r:
+            out.append("A-only")
+        elif ri >= 1 - cfg.exclusive_r:
+            out.append("B-only")
+        elif cfg.shared_lo <= ri <= cfg.shared_hi:
+            out.append("shared")
+        else:
+            out.append("intermediate")
+    return out
+
+
+def sharedness(r: torch.Tensor, weight: torch.Tensor) -> float:
+    """``Σ w (1 − |2r − 1|) / Σ w``: 1 if all weight sits on latents with r = 0.5, 0 if on r ∈ {0, 1}."""
+    w = weight.double().clamp(min=0)
+    return float((w * (1 - (2 * r.double() - 1).abs())).sum() / w.sum().clamp(min=1e-300))
+
+
+def mean_cca(cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor, eps: float = 1e-6) -> float:
+    """Mean canonical correlation from (centered) covariance blocks: singular values of
+    ``Cxx^{-1/2} Cxy Cyy^{-1/2}``, averaged over the first ``min(dx, dy)``, each clipped to [0, 1]."""
+    def inv_sqrt(c):
+        c = c.double()
+        c = c + eps * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+        vals, vecs = torch.linalg.eigh(c)
+        return vecs @ torch.diag(vals.clamp(min=1e-300).rsqrt()) @ vecs.T
+
+    rho = torch.linalg.svdvals(inv_sqrt(cxx) @ cxy.double() @ inv_sqrt(cyy))
+    return float(rho[:min(cxx.shape[0], cyy.shape[0])].clamp(0, 1).mean())
+
+
+def cca_of_samples(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean canonical correlation between the rows of ``x`` and ``y`` (samples × features)."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return mean_cca(x.T @ x, y.T @ y, x.T @ y)
+
+
+class _Pass:
+    """Streaming sums over the analysed tokens (memory O(L·n_contexts + D²))."""
+
+    def __init__(self, model: CrossCoder, excl: torch.Tensor, owner: torch.Tensor, n_ctx: int):
+        cfg = model.cfg
+        L = cfg.dict_size
+        self.model, self.n_ctx = model, n_ctx
+        self.count_L = torch.zeros(L, dtype=torch.float64)
+        self.sum_L = torch.zeros(L, dtype=torch.float64)
+        self.top_vals = torch.full((n_ctx, L), -1.0)
+        self.top_rows = torch.zeros((n_ctx, L), dtype=torch.int64)
+        self.acc = FveAccumulator(cfg.d_in)
+        D = cfg.d_total
+        self.cov = torch.zeros(D, D, dtype=torch.float64)
+        self.sum_D = torch.zeros(D, dtype=torch.float64)
+        self.rows = 0
+        # Latent scaling: only when the widths match (one direction space for both models).
+        self.excl, self.owner = excl, owner
+        self.same_width = len(set(cfg.d_in)) == 1
+        E, M = len(excl), len(cfg.d_in)
+        self.num_rec = torch.zeros(M, E, dtype=torch.float64)
+        self.num_err = torch.zeros(M, E, dtype=torch.float64)
+        self.den = torch.zeros(E, dtype=torch.float64)
+        if E:
+            W = model.split(model.W_dec_LD.detach()[excl])      # per source: E × d_m
+            self.dir_Ed = torch.stack([W[o][e] for e, o in enumerate(owner.tolist())]) if self.same_width else None
+            self.W_E = W
+
+    @torch.no_grad()
+    def update(self, x_BD: torch.Tensor) -> None:
+        model = self.model
+        out = model(x_BD, train=False)
+        f = out.f_BL
+        xs, xh = model.split(x_BD), model.split(out.x_hat_BD)
+        self.acc.update(xs, xh, float((f > 0).sum()))
+        self.count_L += (f > 0).sum(0).double()
+        self.sum_L += f.sum(0).double()
+        n = min(self.n_ctx, f.shape[0])
+        vals, idx = torch.topk(f, n, dim=0)
+        allv = torch.cat([self.top_vals, vals])
+        allr = torch.cat([self.top_rows, idx + self.rows])
+        best = torch.topk(allv, self.n_ctx, dim=0).indices
+        self.top_vals, self.top_rows = allv.gather(0, best), allr.gather(0, best)
+        xd = x_BD.double()
+        self.cov += xd.T @ xd
+        self.sum_D += xd.sum(0)
+        self.rows += x_BD.shape[0]
+        if len(self.excl) and self.dir_Ed is not None:
+            fE = f[:, self.excl].double()
+            d = self.dir_Ed.double()
+            self.den += fE.pow(2).sum(0) * d.pow(2).sum(1)
+            for m in range(len(xs)):
+                own = (self.W_E[m].double() * d).sum(1)              # ⟨W_dec[j, m], d⟩
+                rec = xh[m].double() @ d.T
+                err = (xs[m].double() - xh[m].double()) @ d.T + fE * own
+                self.num_rec[m] += (fE * rec).sum(0)
+                self.num_err[m] += (fE * err).sum(0)
+
+
+def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
+    """Run the analysis; write latents.parquet/.csv, summary.json, analyze_config.json in ``cfg.out``."""
+    from itertools import islice
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from diffkit.activations import ActivationStore
+
+    from .model import load
+
+    model = load(cfg.crosscoder)
+    store = ActivationStore.open(cfg.acts)
+    if len(model.cfg.d_in) != 2:
+        raise DiffkitError(f"analyze compares two sources; {cfg.crosscoder} has {len(model.cfg.d_in)}")
+    widths = (store.d_model("a"), store.d_model("b"))
+    if widths != model.cfg.d_in:
+        raise DiffkitError(f"store {cfg.acts} has widths {widths}, the crosscoder was trained on {model.cfg.d_in}: "
+                           "analyze it on a store of the same models and hooks")
+    if store.n_tokens(cfg.split) == 0:
+        raise DiffkitError(f"store {cfg.acts} has no {cfg.split} tokens: pass --split train")
+    scale_now = (store.scale("a"), store.scale("b"))
+    if not np.allclose(scale_now, model.cfg.scale, rtol=1e-4):
+        raise DiffkitError(f"store {cfg.acts} normalizes with {scale_now}, the crosscoder with {model.cfg.scale}: "
+                           "not the store it was trained on")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    norms = model.dec_norms_LM().detach()
+    n_A, n_B = norms[:, 0], norms[:, 1]
+    r, delta = relative_norms(n_A, n_B)
+    excl = torch.nonzero((r <= cfg.exclusive_r) | (r >= 1 - cfg.exclusive_r)).flatten()
+    owner = (r[excl] >= 0.5).long()  # 0: A owns it, 1: B
+    pas = _Pass(model, excl, owner, cfg.n_contexts)
+    n_tok = min(cfg.tokens, store.n_tokens(cfg.split))
+    n_batches = -(-n_tok // cfg.batch_size)
+    it = store.iter_batches(cfg.batch_size, split=cfg.split, shuffle=False, drop_last=False)
+    for xs in tqdm(islice(it, n_batches), total=n_batches, desc="analyze", disable=not progress):
+        x = torch.cat(xs, dim=1)
+        pas.update(x)
+
+    freq = pas.count_L / max(pas.rows, 1)
+    mean_act = pas.sum_L / max(pas.rows, 1)
+    dead = pas.count_L == 0
+    labels = label_latents(r, dead, cfg)
+    table = pd.DataFrame({
+        "latent": np.arange(model.cfg.dict_size), "label": labels, "dead": dead.numpy(),
+        "dec_norm_a": n_A.numpy(), "dec_norm_b": n_B.numpy(),
+        "rel_norm_r_b": r.numpy(), "rel_norm_delta_b": delta.numpy(),
+        "dec_cos_ab": _dec_cos(model).numpy(),
+        "freq": freq.numpy(), "mean_act": mean_act.numpy(),
+        "mean_act_active": (pas.sum_L / pas.count_L.clamp(min=1)).numpy(),
+    })
+    for col in ("beta_rec_a", "beta_rec_b", "beta_err_a", "beta_err_b", "nu_rec", "nu_err"):
+        table[col] = np.nan
+    if len(excl) and pas.dir_Ed is not None:
+        den = pas.den.clamp(min=1e-300)
+        beta_rec, beta_err = pas.num_rec / den, pas.num_err / den  # M × E
+        idx = excl.numpy()
+        for m, s in enumerate(("a", "b")):
+            table.loc[idx, f"beta_rec_{s}"] = beta_rec[m].numpy()
+            table.loc[idx, f"beta_err_{s}"] = beta_err[m].numpy()
+        o = owner.numpy()
+        ar = np.arange(len(idx))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table.loc[idx, "nu_rec"] = beta_rec[1 - o, ar].numpy() / beta_rec[o, ar].numpy()
+            table.loc[idx, "nu_err"] = beta_err[1 - o, ar].numpy() / beta_err[o, ar].numpy()
+    table.loc[dead.numpy(), [c for c in table.columns if c.startswith(("beta", "nu"))]] = np.nan
+
+    summary = _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead)
+    table.to_parquet(out / "latents.parquet", index=False)
+    table.to_csv(out / "latents.csv", index=False)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "analyze_config.json", asdict(cfg))
+    return summary
+
+
+def _dec_cos(model: CrossCoder) -> torch.Tensor:
+    W = model.split(model.W_dec_LD.detach())
+    if W[0].shape[1] != W[1].shape[1]:
+        return torch.full((model.cfg.dict_size,), float("nan"))
+    return torch.nn.functional.cosine_similarity(W[0], W[1], dim=1, eps=1e-12)
+
+
+def _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead) -> dict:
+    fves = pas.acc.fve()
+    D_a = model.cfg.d_in[0]
+    n = max(pas.rows, 1)
+    mu = pas.sum_D / n
+    cov = pas.cov / n - torch.outer(mu, mu)
+    alive = ~dead
+    W = model.split(model.W_dec_LD.detach())
+    summary: dict[str, Any] = {
+        "crosscoder": cfg.crosscoder, "acts": cfg.acts, "split": cfg.split, "tokens": pas.rows,
+        "arch": model.cfg.arch, "dict_size": model.cfg.dict_size,
+        "fve_a": fves[0], "fve_b": fves[1], "l0": pas.acc.l0(), "dead_frac": float(dead.double().mean()),
+        "counts": {lab: int((table["label"] == lab).sum()) for lab in LABELS},
+        "sharedness": sharedness(r[alive], (mean_act * (n_A + n_B).double())[alive]),
+        "cca_activations": mean_cca(cov[:D_a, :D_a], cov[D_a:, D_a:], cov[:D_a, D_a:]),
+        "cca_decoders": cca_of_samples(W[0][alive], W[1][alive]) if int(alive.sum()) > 2 else float("nan"),
+        "thresholds": {"A-only": f"r <= {cfg.exclusive_r}", "B-only": f"r >= {1 - cfg.exclusive_r:g}",
+                       "shared": f"{cfg.shared_lo} <= r <= {cfg.shared_hi}", "dead": "never fired"},
+        "formulas": {
+            "fve": "1 - sum_t ||x_t - xhat_t||^2 / sum_t ||x_t - mean_t x||^2, per source, normalized units",
+            "l0": "mean number of latents with f > 0 per token (inference encoding)",
+            "rel_norm_r_b": "n_B / (n_A + n_B), n_m = ||W_dec[i, m]||",
+            "rel_norm_delta_b": "((n_B - n_A) / max(n_A, n_B) + 1) / 2",
+            "sharedness": "sum_i w_i (1 - |2 r_i - 1|) / sum_i w_i, w_i = mean_act_i (n_A,i + n_B,i), live latents",
+            "cca_activations": "mean of the min(d_A, d_B) canonical correlations of x_A and x_B",
+            "cca_decoders": "mean canonical correlation of W_dec[:, A] and W_dec[:, B], live latents as samples",
+            "latent_scaling": "beta_m = sum_t f_t <y_m,t, d> / (||d||^2 sum_t f_t^2); nu = beta_other / beta_owner",
+        },
+        "dec_cos_note": "decoder cosine between sources needs equal widths; NaN otherwise"
+        if model.cfg.d_in[0] != model.cfg.d_in[1] else "",
+    }
+    summary["top"] = {lab: _top_latents(table, lab, pas, store, cfg) for lab in ("A-only", "B-only")}
+    return json.loads(json.dumps(summary, default=float).replace("NaN", "null"))
+
+
+def _decoder_for(store):
+    name = store.manifest["sources"]["a"].get("tokenizer")
+    if name == "diffkit-byte-v1":
+        from diffkit.tokenizer import ByteTokenizer
+
+        return ByteTokenizer().decode
+    return lambda ids: " ".join(str(int(i)) for i in np.asarray(ids).ravel())
+
+
+def _top_latents(table, label: str, pas: _Pass, store, cfg: AnalyzeConfig) -> list[dict]:
+    """The most frequent latents of ``label``, each with its top-activating contexts (token in «»)."""
+    decode = _decoder_for(store)
+    rows = table[table["label"] == label].sort_values("freq", ascending=False).head(cfg.top_n)
+    out = []
+    for _, row in rows.iterrows():
+        i = int(row["latent"])
+        vals, idxs = pas.top_vals[:, i], pas.top_rows[:, i]
+        keep = vals > 0
+        ctxs = store.contexts(idxs[keep].numpy(), split=cfg.split, window=cfg.window) if bool(keep.any()) else []
+        texts = [decode(ids[:off]) + "«" + decode(ids[off:off + 1]) + "»" + decode(ids[off + 1:]) for ids, off in ctxs]
+        out.append({"latent": i, "freq": float(row["freq"]), "rel_norm_r_b": float(row["rel_norm_r_b"]),
+                    "nu_err": None if math.isnan(row["nu_err"]) else float(row["nu_err"]),
+                    "contexts": [{"act": float(v), "text": t} for v, t in zip(vals[keep].tolist(), texts)]})
+    return out
