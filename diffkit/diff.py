@@ -56,6 +56,12 @@ every chance pair: a pair called shared at the default is not a coincidence of h
 geometry. (base vs finetuned under the same null: max 0.409; 538 pairs ≥ 0.5.) The chance level
 falls as d grows (≈ 3.5/sqrt(d) for 1024 candidates), so on wide models 0.5 is conservative;
 ``summary.json`` lists the counts at 0.3…0.9 so another cut needs no rerun.
+
+What the seed pair is *not*, on this zoo: a floor that a fine-tune exceeds. base-seed1 is a
+separately trained network, and it differs from base more than the 400-step fine-tune does on
+every score (map FVE 0.58 vs 0.89; 191 vs 538 pairs ≥ 0.5; median pair correlation 0.39 vs 0.60).
+The "30–53% shared" noise floor of the literature is for SAEs of the *same* model with different
+seeds; the zoo has no such pair. ``tests/test_align.py`` pins both facts.
 """
 
 from __future__ import annotations

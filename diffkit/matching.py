@@ -14,11 +14,16 @@ Solvers:
 - ``dense``: scipy ``linear_sum_assignment`` on the full cost matrix (float64 copy: 16k² → 2 GB,
   65k² → 34 GB, so only for small problems; rectangular is fine).
 - ``sparse``: each A row's top-k B neighbours and each B row's top-k A neighbours by cosine
-  (chunked matmul, bfloat16 on CPU / float16 on GPU for speed, then every candidate edge re-scored
-  exactly in float32), de-duplicated (a CSR matrix would *sum* duplicate edges), costs offset by
+  (chunked matmul; float32 on small problems, bfloat16 on CPU / float16 on GPU at scale, where
+  the candidate costs carry half-precision rounding ≲ 0.004 and the final pairs are re-scored in
+  float32), de-duplicated (a CSR matrix would *sum* duplicate edges), costs offset by
   +1 so none is zero (an explicit zero in a sparse matrix is no edge), solved by
-  ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``. When the candidate graph has no
-  full matching, k doubles and the search repeats. The optimum of the candidate graph equals the
+  ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``. A row whose candidates are all
+  taken may escape to a slack column priced at its k-th best cost (a lower bound on every edge
+  left out), instead of stealing a partner to keep the matching full (which planted exclusives
+  otherwise did); escaped rows are re-solved among the unused rows with fresh candidates. With
+  ``escape=False`` the textbook loop runs: when the candidate graph has no full matching, k
+  doubles and the search repeats. The optimum of the candidate graph equals the
   dense optimum whenever the optimal pairs are all among the candidates; tests check that on small
   problems. Memory: the inputs plus one chunk of similarities.
 """
@@ -35,6 +40,7 @@ from .errors import DiffkitError
 
 DENSE_MAX_CELLS = 4096 * 4096  # above this "auto" uses the sparse solver
 EDGE_OFFSET = 1.0
+SUBPROBLEM_DENSE_CELLS = 1 << 20  # escaped rows x unused rows below this are solved densely (8 MB of costs)
 
 
 @dataclass
@@ -102,48 +108,57 @@ def assign_dense(similarity: np.ndarray, threshold: float) -> Assignment:
                       seconds={"assign": time.perf_counter() - t0})
 
 
-def _search_dtype(device: str) -> Any:
+def _search_dtype(device: str, cells: int) -> Any:
+    """float32 where the search is cheap (then candidate costs are exact); half precision at scale."""
     import torch
 
+    if cells <= DENSE_MAX_CELLS:
+        return torch.float32
     return torch.float16 if device.startswith("cuda") else torch.bfloat16
 
 
 def topk_candidates(ua: Any, ub: Any, k: int, chunk: int = 2048, device: str = "cpu",
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate edges (a, b): each A row's top-k B rows and each B row's top-k A rows, de-duplicated.
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate edges (a, b, similarity): each A row's top-k B rows and each B row's top-k A rows, de-duplicated.
 
-    ``ua``, ``ub``: unit-row float32 tensors. The search runs in half precision (bf16 / fp16); only
-    the *choice* of candidates depends on it, their costs are re-scored in float32 afterwards.
+    ``ua``, ``ub``: unit-row float32 tensors. Above :data:`DENSE_MAX_CELLS` pairs the search runs in
+    half precision (bf16 on CPU: 2× the float32 GEMM rate here; fp16 on GPU), so edge similarities
+    carry its rounding (|error| ≲ 0.004 for cosines near 1); the final pairs are re-scored exactly
+    by :func:`edge_similarity`. Also returns each A row's k-th best similarity (a bound on every
+    edge of that row left out).
     """
     import torch
     from tqdm import tqdm
 
     n_a, n_b = len(ua), len(ub)
     ka, kb = min(k, n_b), min(k, n_a)
-    dt = _search_dtype(device)
+    dt = _search_dtype(device, n_a * n_b)
     hb = ub.to(device=device, dtype=dt)
     best_val = torch.full((kb, n_b), -float("inf"), device=device)  # per B column: best A rows so far
     best_idx = torch.zeros((kb, n_b), dtype=torch.int64, device=device)
-    rows_a, rows_b = [], []
+    rows_a, rows_b, vals_ab, kth = [], [], [], []
     for lo in tqdm(range(0, n_a, chunk), desc="candidates", unit="chunk", disable=not progress):
         sims = (ua[lo:lo + chunk].to(device=device, dtype=dt) @ hb.T).float()  # (c, n_b)
-        top = sims.topk(ka, dim=1).indices
-        rows_a.append((torch.arange(lo, lo + len(sims), device=device)[:, None].expand_as(top)).reshape(-1).cpu())
-        rows_b.append(top.reshape(-1).cpu())
+        top = sims.topk(ka, dim=1)
+        kth.append(top.values[:, -1].cpu())
+        rows_a.append((torch.arange(lo, lo + len(sims), device=device)[:, None].expand_as(top.indices)).reshape(-1).cpu())
+        rows_b.append(top.indices.reshape(-1).cpu())
+        vals_ab.append(top.values.reshape(-1).cpu())
         col = sims.T.contiguous().topk(min(kb, len(sims)), dim=1)  # (n_b, ≤kb): this chunk's best A rows per column
         vals = torch.cat([best_val, col.values.T], 0)
         idx = torch.cat([best_idx, col.indices.T + lo], 0)
         keep = vals.topk(kb, dim=0).indices
         best_val, best_idx = vals.gather(0, keep), idx.gather(0, keep)
     col_b = torch.arange(n_b, device=device)[None, :].expand(kb, n_b)
-    ea = torch.cat(rows_a + [best_idx.reshape(-1).cpu()]).numpy()
-    eb = torch.cat(rows_b + [col_b.reshape(-1).cpu()]).numpy()
-    key = np.unique(ea.astype(np.int64) * n_b + eb)  # duplicates would be summed by CSR
-    return key // n_b, key % n_b
+    ea = torch.cat(rows_a + [best_idx.reshape(-1).cpu()]).numpy().astype(np.int64)
+    eb = torch.cat(rows_b + [col_b.reshape(-1).cpu()]).numpy().astype(np.int64)
+    ev = torch.cat(vals_ab + [best_val.reshape(-1).cpu()]).numpy()
+    key, first = np.unique(ea * n_b + eb, return_index=True)  # duplicates would be summed by CSR
+    return key // n_b, key % n_b, ev[first], torch.cat(kth).numpy()
 
 
-def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Exact float32 cosine of each candidate edge."""
+def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Exact float32 cosine of edges (a, b) (gathered ``chunk`` edges at a time: chunk·d·8 bytes)."""
     import torch
 
     out = np.empty(len(ea), np.float32)
@@ -154,41 +169,89 @@ def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int
     return out
 
 
-def assign_sparse(dirs_a: Any, dirs_b: Any, threshold: float, k: int = 32, chunk: int = 2048, device: str = "cpu",
-                  progress: bool = False) -> Assignment:
-    """Maximum-cosine assignment on a top-k candidate graph, widening k until a full matching exists."""
+def _solve_sparse(ua: Any, ub: Any, k: int, chunk: int, device: str, progress: bool, escape: bool,
+                  seconds: dict, depth: int = 0, resolve_below: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, cols, k used) of a min-cost matching of every A row (n_a ≤ n_b) on the candidate graph.
+
+    With ``escape``, each A row may instead take a private slack column priced at its k-th best
+    cost (no non-candidate edge of that row is cheaper), so a row without a good candidate does not
+    steal another row's partner to keep the matching full; escaped rows are then assigned among
+    the unused B rows by the same method (dense once the rest is small). Without ``escape``, k
+    doubles until the candidate graph has a full matching. Rows whose pair falls below
+    ``resolve_below`` (the threshold: they will be reported unmatched) are re-solved with the escaped
+    rows, so the low-similarity remainder gets its own optimal assignment.
+    """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    ua, ub = unit_rows(dirs_a), unit_rows(dirs_b)
     n_a, n_b = len(ua), len(ub)
-    seconds = {"candidates": 0.0, "rescore": 0.0, "assign": 0.0}
+    if (depth > 0 and n_a * n_b <= SUBPROBLEM_DENSE_CELLS) or k >= n_b:
+        t0 = time.perf_counter()
+        res = assign_dense((ua @ ub.T).numpy(), -1.0)
+        seconds["assign"] += time.perf_counter() - t0
+        return res.pair_a, res.pair_b, k
     while True:
         t0 = time.perf_counter()
-        ea, eb = topk_candidates(ua, ub, k, chunk, device, progress)
+        ea, eb, sim, kth = topk_candidates(ua, ub, k, chunk, device, progress)
         t1 = time.perf_counter()
-        sim = edge_similarity(ua, ub, ea, eb)
+        cost = 1.0 - sim.astype(np.float64) + EDGE_OFFSET
         t2 = time.perf_counter()
-        graph = csr_matrix(((1.0 - sim.astype(np.float64)) + EDGE_OFFSET, (ea, eb)), shape=(n_a, n_b))
+        n_cols = n_b
+        if escape:
+            ea = np.concatenate([ea, np.arange(n_a)])
+            eb = np.concatenate([eb, n_b + np.arange(n_a)])
+            cost = np.concatenate([cost, 1.0 - kth.astype(np.float64) + EDGE_OFFSET])
+            n_cols = n_b + n_a
+        graph = csr_matrix((cost, (ea, eb)), shape=(n_a, n_cols))
         try:
             rows, cols = min_weight_full_bipartite_matching(graph)
-            infeasible = False
-        except ValueError:
-            infeasible = True
+        except ValueError:  # no full matching in the candidate graph (only without escape)
+            rows = None
         t3 = time.perf_counter()
-        for key, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
+        for key, dt in zip(("candidates", "graph", "assign"), (t1 - t0, t2 - t1, t3 - t2)):
             seconds[key] += dt
-        if not infeasible:
+        if rows is not None:
             break
-        if k >= max(n_a, n_b):
-            raise AssertionError("the complete bipartite graph always has a full matching")
         k *= 2
+        if k >= n_b:
+            return _solve_sparse(ua, ub, n_b, chunk, device, progress, escape, seconds, depth, resolve_below)
     rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+    real = cols < n_b
+    if resolve_below is not None:  # weak pairs are unmatched anyway: re-solve them with the escaped rows
+        real &= (1.0 - (np.asarray(graph[rows, np.minimum(cols, n_cols - 1)]).ravel() - EDGE_OFFSET)) >= resolve_below
+    if real.all():
+        return rows, cols, k
+    left_a = rows[~real]
+    used = np.zeros(n_b, bool)
+    used[cols[real]] = True
+    left_b = np.nonzero(~used)[0]
+    if len(left_a) == n_a:  # no progress: the candidate graph helps nothing here
+        if n_a * n_b <= DENSE_MAX_CELLS:
+            res = assign_dense((ua @ ub.T).numpy(), -1.0)
+            return res.pair_a, res.pair_b, k
+        if escape or resolve_below is not None:
+            return _solve_sparse(ua, ub, k, chunk, device, progress, False, seconds, depth, None)
+    sub_r, sub_c, _ = _solve_sparse(ua[left_a], ub[left_b], k, chunk, device, progress, escape, seconds, depth + 1,
+                                    resolve_below)
+    return np.concatenate([rows[real], left_a[sub_r]]), np.concatenate([cols[real], left_b[sub_c]]), k
+
+
+def assign_sparse(dirs_a: Any, dirs_b: Any, threshold: float, k: int = 32, chunk: int = 2048, device: str = "cpu",
+                  progress: bool = False, escape: bool = True) -> Assignment:
+    """Maximum-cosine assignment on a top-k candidate graph (see :func:`_solve_sparse`)."""
+    ua, ub = unit_rows(dirs_a), unit_rows(dirs_b)
+    swap = len(ua) > len(ub)  # the solver matches every row: rows are the smaller side
+    if swap:
+        ua, ub = ub, ua
+    seconds = {"candidates": 0.0, "graph": 0.0, "assign": 0.0}
+    rows, cols, k_used = _solve_sparse(ua, ub, k, chunk, device, progress, escape, seconds,
+                                       resolve_below=threshold if escape else None)
+    if swap:
+        rows, cols, ua, ub = cols, rows, ub, ua
     order = np.argsort(rows)
     rows, cols = rows[order], cols[order]
-    pair_sim = np.asarray(graph[rows, cols]).ravel() - EDGE_OFFSET
-    return Assignment(n_a, n_b, rows, cols, (1.0 - pair_sim).astype(np.float32), threshold, "sparse", k=k,
-                      seconds=seconds)
+    sim = edge_similarity(ua, ub, rows, cols)
+    return Assignment(len(ua), len(ub), rows, cols, sim, threshold, "sparse", k=k_used, seconds=seconds)
 
 
 def assign(dirs_a: Any, dirs_b: Any, threshold: float, solver: str = "auto", k: int = 32,
