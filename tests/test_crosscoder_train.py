@@ -67,10 +67,10 @@ def test_each_epoch_sees_every_row_at_most_once_and_no_empty_batch(noisy_store):
 
 
 def test_sigkill_loses_at_most_one_interval_and_resume_matches_uninterrupted(small_store, tmp_path):
-    opts = dict(dict_size=2048, batch_size=256, tokens=256 * 150, checkpoint_every=10)
+    opts = dict(dict_size=2048, batch_size=256, tokens=256 * 300, checkpoint_every=10)
     killed = tmp_path / "killed"
     cmd = [PY, "-m", "diffkit.cli", "crosscoder", "train", "--acts", str(small_store.root), "--out", str(killed),
-           "--dict-size", "2048", "--k", "4", "--batch-size", "256", "--tokens", str(256 * 150), "--lr", "2e-3",
+           "--dict-size", "2048", "--k", "4", "--batch-size", "256", "--tokens", str(256 * 300), "--lr", "2e-3",
            "--log-every", "1", "--checkpoint-every", "10", "--dead-after-tokens", "1000", "--threads", "1",
            "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -121,5 +121,5 @@ def bench_crosscoder(out, quick, threads, zoo_store):
     """Crosscoder training speed vs this machine's fp32 matmul rate, peak memory, and the zoo FVE run."""
     from .bench import run_benchmark
 
-    path = run_benchmark(out, quick=quick, threads=threads, zoo_store=zoo_store, log=click.echo)
+    path = run_benchmark(out, quick=quick, threads=threads, zoo_store_path=zoo_store, log=click.echo)
     click.echo(f"report written to {path}")

@@ -47,6 +47,11 @@ from torch import nn
 
 from diffkit.errors import DiffkitError
 
+from .model_util import all_reduce as _all_reduce
+from .model_util import global_topk_threshold
+from .model_util import world as _world
+from .sparse import DecodeAt, EncodeAt, select_batchtopk, select_rowtopk
+
 ARCHS = ("l1", "batchtopk")
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -119,46 +124,9 @@ class Forward:
 
     f_BL: torch.Tensor | None       # dense code (None on the sparse path)
     x_hat_BD: torch.Tensor
-    pre_BL: torch.Tensor            # pre-activations (detached on the sparse path)
+    pre_BL: torch.Tensor | None     # pre-activations (None on the sparse path)
     active: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sparse code: rows_N, cols_N, vals_N
     min_kept_score: torch.Tensor | None = None  # batchtopk: smallest kept score (for the threshold EMA)
-
-
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum / max / min of ``t`` over the processes of a torch.distributed run (identity otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_topk_threshold(score_flat: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local candidates (values, flat indices) that belong to the top ``n_keep`` over *all* processes.
-
-    Each process offers its local top ``n_keep`` (the global top can sit on any one rank); the
-    ``n_keep``-th largest of the gathered candidates is the global threshold. With one process this
-    is exactly ``topk``.
-    """
-    import torch.distributed as dist
-
-    n_local = min(n_keep, score_flat.numel())
-    vals, idx = torch.topk(score_flat, n_local, sorted=False)
-    if _world() > 1:
-        gathered = [torch.empty_like(vals) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, vals.contiguous())
-        allv = torch.cat(gathered)
-        thr = torch.topk(allv, min(n_keep, allv.numel()), sorted=False).values.min()
-        keep = vals >= thr
-        vals, idx = vals[keep], idx[keep]
-    return vals, idx
 
 
 class CrossCoder(nn.Module):
@@ -219,31 +187,17 @@ class CrossCoder(nn.Module):
             f_BL = relu_BL * mask.view(B, -1)
             return Forward(f_BL, f_BL @ self.W_dec_LD + self.b_dec_D, pre_BL,
                            min_kept_score=_min_positive(vals))
-        # Sparse path: the dense pre-activations only choose the code (no graph); the kept entries
-        # are recomputed with a graph, so encoder and decoder gradients cost O(N·D), not O(B·L·D).
+        # Sparse path (see .sparse): a dense, graph-free score picks the code; everything after
+        # costs O(N·D). score = pre · n with n folded into one matmul.
         with torch.no_grad():
-            pre_BL = x_BD @ self.W_enc_LD.T + self.b_enc_L
-            score_BL = torch.relu(pre_BL).mul_(norm_L)
-            vals, idx = global_topk_threshold(score_BL.flatten(), n_keep)
+            n_L = norm_L.detach()
+            score_BL = torch.addmm(self.b_enc_L * n_L, x_BD, (self.W_enc_LD * n_L[:, None]).T)
+            rows_N, cols_N, score_N = select_batchtopk(score_BL, n_keep, per_row=4 * cfg.k)
             del score_BL
-            pos = vals > 0
-            idx = idx[pos]
-            rows_N, cols_N = idx // cfg.dict_size, idx % cfg.dict_size
-        vals_N = self.sparse_pre(x_BD, rows_N, cols_N).relu()
-        x_hat_BD = self.sparse_decode(rows_N, cols_N, vals_N, B)
-        return Forward(None, x_hat_BD, pre_BL, (rows_N, cols_N, vals_N), _min_positive(vals))
-
-    def sparse_pre(self, x_BD: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
-        """Pre-activations of the listed (token, latent) pairs only, with a graph: O(N·D)."""
-        return (x_BD[rows_N] * self.W_enc_LD[cols_N]).sum(dim=1) + self.b_enc_L[cols_N]
-
-    def sparse_decode(self, rows_N: torch.Tensor, cols_N: torch.Tensor, vals_N: torch.Tensor, B: int,
-                      bias: bool = True) -> torch.Tensor:
-        """``x̂_BD = Σ_N vals_N · W_dec_LD[cols_N]`` summed into rows ``rows_N`` (+ b_dec): O(N·D)."""
-        contrib_ND = vals_N[:, None] * self.W_dec_LD[cols_N]
-        out = torch.zeros(B, self.cfg.d_total, dtype=contrib_ND.dtype, device=contrib_ND.device)
-        out = out.index_add(0, rows_N, contrib_ND)
-        return out + self.b_dec_D if bias else out
+            pre_N = score_N / n_L[cols_N]
+        vals_N = EncodeAt.apply(pre_N, x_BD, self.W_enc_LD, self.b_enc_L, rows_N, cols_N).relu()
+        x_hat_BD = DecodeAt.apply(vals_N, self.W_dec_LD, rows_N, cols_N, B) + self.b_dec_D
+        return Forward(None, x_hat_BD, None, (rows_N, cols_N, vals_N), _min_positive(score_N))
 
     # -- raw activations in and out ------------------------------------------------------------
     def _normalize(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -302,27 +256,26 @@ def crosscoder_loss(model: CrossCoder, x_BD: torch.Tensor, out: Forward, l1: flo
         return LossParts(recon + sparsity, recon, sparsity, zero)
     aux = zero
     if dead_L is not None and bool(dead_L.any()):
-        aux = aux_alpha * aux_loss(model, x_BD, err_BD.detach(), out.pre_BL.detach(), dead_L)
+        aux = aux_alpha * aux_loss(model, x_BD, err_BD.detach(), dead_L)
     return LossParts(recon + aux, recon, zero, aux)
 
 
-def aux_loss(model: CrossCoder, x_BD: torch.Tensor, e_BD: torch.Tensor, pre_BL: torch.Tensor,
-             dead_L: torch.Tensor) -> torch.Tensor:
+def aux_loss(model: CrossCoder, x_BD: torch.Tensor, e_BD: torch.Tensor, dead_L: torch.Tensor) -> torch.Tensor:
     """``‖e − ê‖² / ‖e‖²`` (token means; the denominator is detached and global under DDP).
 
     ``ê`` decodes (without bias) the ``k_aux`` largest positive pre-activations among dead latents
-    of each token; those entries are recomputed with a graph so the gradient reaches the dead
-    latents' encoder and decoder rows.
+    of each token. The dead latents' pre-activations are one graph-free matmul; the chosen pairs go
+    through the sparse encode/decode, so the gradient reaches exactly the dead latents' encoder and
+    decoder rows (the known bug: an aux loss whose gradient never reaches the weights).
     """
     B = x_BD.shape[0]
-    k = min(model.cfg.k_aux_eff, int(dead_L.sum()))
-    masked = pre_BL.masked_fill(~dead_L, float("-inf"))
-    vals, cols = torch.topk(masked, k, dim=1)
-    keep = vals > 0
-    rows_N = torch.arange(B, device=x_BD.device)[:, None].expand(B, k)[keep]
-    cols_N = cols[keep]
-    vals_N = model.sparse_pre(x_BD, rows_N, cols_N).relu()
-    e_hat_BD = model.sparse_decode(rows_N, cols_N, vals_N, B, bias=False)
+    dead_idx = torch.nonzero(dead_L).flatten()
+    with torch.no_grad():
+        pre_BK = torch.addmm(model.b_enc_L[dead_idx], x_BD, model.W_enc_LD[dead_idx].T)
+        rows_N, cols_K, pre_N = select_rowtopk(pre_BK, model.cfg.k_aux_eff)
+        cols_N = dead_idx[cols_K]  # ascending map: CSR order kept
+    vals_N = EncodeAt.apply(pre_N, x_BD, model.W_enc_LD, model.b_enc_L, rows_N, cols_N).relu()
+    e_hat_BD = DecodeAt.apply(vals_N, model.W_dec_LD, rows_N, cols_N, B)
     denom = _all_reduce(e_BD.pow(2).sum(dim=1).mean()) / _world()
     return (e_BD - e_hat_BD.float()).pow(2).sum(dim=1).mean() / denom.clamp(min=1e-12)
 

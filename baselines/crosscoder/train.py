@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
     mcfg = model_config(cfg, store)
     start = _prepare_out(out, cfg, resume, rank)
     model = CrossCoder(mcfg, seed=cfg.seed).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel, ~7x less time than foreach on CPU
     since_fired_L = torch.zeros(cfg.dict_size, dtype=torch.int64, device=device)
     step = 0
     if start is not None:
@@ -375,6 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
                                 "aux": float(aux.detach()), **{f"fve_{s}": v for s, v in zip(mcfg.sources, acc.fve())},
                                 "l0": acc.l0(), "dead_frac": float(dead_L.float().mean()), "lr": lr, "l1": lam,
                                 "grad_norm": float(grad_norm), "threshold": float(model.threshold),
+                                "elapsed_s": elapsed,
                                 "tokens_per_s": (step * cfg.batch_size - tokens_t0) / max(elapsed, 1e-9)}
                     _emit(metrics_fh, wandb_run, log_figs)
                     bar.set_postfix_str(" ".join(f"{k}={log_figs[k]:.3g}" for k in
