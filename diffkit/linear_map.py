@@ -7,8 +7,10 @@ memory is O((d_a + d_b)²) whatever the token count, and the solve is closed for
 
 - ``lstsq``:      W = S_xx⁺ S_xy                       (minimum-norm when S_xx is singular)
 - ``ridge``:      W = (S_xx + α·n·I)⁻¹ S_xy             (α is per token: independent of the store size)
-- ``procrustes``: W = s·U Vᵀ with U Σ Vᵀ = svd(S_xy), s = tr Σ / tr S_xx: orthogonal (semi-orthogonal
-  when the widths differ: orthonormal rows if d_in < d_out, columns otherwise) up to one global scale
+- ``procrustes``: W = s·U Vᵀ with U Σ Vᵀ = svd(S_xy), s = tr Σ / tr(Qᵀ S_xx Q), Q = U Vᵀ: orthogonal (semi-orthogonal
+  when the widths differ: orthonormal rows if d_in < d_out, columns otherwise) up to one global scale.
+  Q maximises tr(Qᵀ S_xy); that is the least-squares optimum when d_in ≤ d_out (‖x Q‖ is then
+  fixed), not when d_in > d_out, where the constrained least-squares problem has no closed form
 - always affine: b = ȳ − x̄ W (the first training-free diff had no centering and no bias).
 
 with S_xx = Σ_t (x_t − x̄)ᵀ(x_t − x̄) and S_xy likewise over the *train* split. Both directions
@@ -120,8 +122,9 @@ def solve(C: np.ndarray, mean: np.ndarray, n: int, d_in: int, cfg: MapConfig, re
         W = linalg.solve(sxx + cfg.alpha * n * np.eye(len(sxx)), sxy, assume_a="pos")
     else:
         U, S, Vt = np.linalg.svd(sxy, full_matrices=False)
-        tr = float(np.trace(sxx))
-        W = (S.sum() / tr if tr > 0 else 1.0) * (U @ Vt)
+        Q = U @ Vt
+        tr = float(np.einsum("ij,ij->", Q, sxx @ Q))  # tr(Qᵀ S_xx Q): the optimal scale for this Q
+        W = (S.sum() / tr if tr > 0 else 1.0) * Q
     b = mean[o] - mean[i] @ W
     return W, b
 

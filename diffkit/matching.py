@@ -170,7 +170,8 @@ def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int
 
 
 def _solve_sparse(ua: Any, ub: Any, k: int, chunk: int, device: str, progress: bool, escape: bool,
-                  seconds: dict, depth: int = 0, resolve_below: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                  seconds: dict, depth: int = 0, resolve_below: float | None = None,
+                  cached: tuple | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(rows, cols, k used) of a min-cost matching of every A row (n_a ≤ n_b) on the candidate graph.
 
     With ``escape``, each A row may instead take a private slack column priced at its k-th best
@@ -192,7 +193,12 @@ def _solve_sparse(ua: Any, ub: Any, k: int, chunk: int, device: str, progress: b
         return res.pair_a, res.pair_b, k
     while True:
         t0 = time.perf_counter()
-        ea, eb, sim, kth = topk_candidates(ua, ub, k, chunk, device, progress)
+        if cached is not None and cached[0] == k:
+            ea, eb, sim, kth = cached[1]
+        else:
+            ea, eb, sim, kth = topk_candidates(ua, ub, k, chunk, device, progress)
+            if depth == 0 and cached is not None:
+                cached[1:] = [(ea, eb, sim, kth)]
         t1 = time.perf_counter()
         cost = 1.0 - sim.astype(np.float64) + EDGE_OFFSET
         t2 = time.perf_counter()
@@ -244,8 +250,19 @@ def assign_sparse(dirs_a: Any, dirs_b: Any, threshold: float, k: int = 32, chunk
     if swap:
         ua, ub = ub, ua
     seconds = {"candidates": 0.0, "graph": 0.0, "assign": 0.0}
-    rows, cols, k_used = _solve_sparse(ua, ub, k, chunk, device, progress, escape, seconds,
-                                       resolve_below=threshold if escape else None)
+    cache: list = [k, None]  # the candidate search is the expensive part: both variants share it
+    t0 = time.perf_counter()
+    cache[1:] = [topk_candidates(ua, ub, k, chunk, device, progress)]
+    seconds["candidates"] += time.perf_counter() - t0
+    rows, cols, k_used = _solve_sparse(ua, ub, k, chunk, device, progress, False, seconds, cached=cache)
+    if escape:
+        # Two feasible matchings of the complete graph; keep the cheaper. The plain candidate graph
+        # can force a row without a free good candidate to steal a partner (planted exclusives did);
+        # the escape variant fixes the strong pairs first and can lose a little on near-ties (the zoo).
+        alt = _solve_sparse(ua, ub, k, chunk, device, progress, True, seconds, resolve_below=threshold, cached=cache)
+        if edge_similarity(ua, ub, alt[0], alt[1]).astype(np.float64).sum() > \
+                edge_similarity(ua, ub, rows, cols).astype(np.float64).sum():
+            rows, cols, k_used = alt
     if swap:
         rows, cols, ua, ub = cols, rows, ub, ua
     order = np.argsort(rows)
