@@ -275,7 +275,7 @@ def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, r
     from .activations import ActivationStore
     from .diff import DEFAULT_THRESHOLD, AlignConfig, align as run_align, format_summary, save_diff
     from .linear_map import LinearMap
-    from .saes import load_sae
+    from .saes import check_against_store, load_sae
 
     dev = _device(device)
     cfg = AlignConfig(threshold=DEFAULT_THRESHOLD if threshold is None else threshold, cost=cost, blend=blend,
@@ -283,6 +283,9 @@ def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, r
     store = ActivationStore.open(acts)
     lmap = LinearMap.load(map_dir) if map_dir is not None else None
     loaded_a, loaded_b = load_sae(sae_a), load_sae(sae_b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # align() checks again and reports its notes in the summary
+        check_against_store(loaded_a, store, "a"), check_against_store(loaded_b, store, "b")  # before any fit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the library returns its warnings; they are echoed below
         if lmap is None:
