@@ -104,8 +104,9 @@ def test_analyze_cross_width_store_and_bad_input(small_store, tmp_path):
                                     "--out", str(tmp_path / "an"), "--quiet"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / "an" / "summary.json").read_text())
-    assert "equal widths" in s["dec_cos_note"]  # widths 32 and 48
-    assert pd.read_parquet(tmp_path / "an" / "latents.parquet")["dec_cos_ab"].isna().all()
+    assert "LinearMap" in s["dec_cos_method"]  # widths 32 and 48: cosine through the fitted map
+    cos = pd.read_parquet(tmp_path / "an" / "latents.parquet")["dec_cos_ab"]
+    assert cos.notna().all() and cos.between(-1, 1).all()
     res = CliRunner().invoke(main, ["crosscoder", "analyze", "--crosscoder", str(tmp_path), "--acts",
                                     str(small_store.root), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and res.output.startswith("error: ") and "not a crosscoder" in res.output

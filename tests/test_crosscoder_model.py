@@ -9,8 +9,8 @@ import torch
 
 from baselines.crosscoder import load
 from baselines.crosscoder.metrics import FveAccumulator, fve, fvu
-from baselines.crosscoder.model import (CFG_FILE, CrossCoder, CrossCoderConfig, crosscoder_loss, fold_normalization,
-                                        global_topk_threshold, save)
+from baselines.crosscoder.model import CFG_FILE, CrossCoder, CrossCoderConfig, crosscoder_loss, fold_normalization, save
+from baselines.crosscoder.model_util import global_topk_threshold
 from diffkit.errors import DiffkitError
 
 

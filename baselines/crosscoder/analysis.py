@@ -9,7 +9,8 @@ LatentTable columns (one row per latent; norms are of the decoder in normalized 
     rel_norm_r_b      r = n_B / (n_A + n_B)        (Anthropic 2024; 0 = A-only, 1 = B-only)
     rel_norm_delta_b  Δ = ((n_B − n_A) / max(n_A, n_B) + 1) / 2   (Minder et al. 2025 with B as
                       their "chat" model; 0 = A-only, 1 = B-only)
-    dec_cos_ab        cos(W_dec[i, A], W_dec[i, B]) when the widths match (NaN otherwise)
+    dec_cos_ab        cos(W_dec[i, A], W_dec[i, B]) when the widths match; otherwise cos(W_dec[i, A] M,
+                      W_dec[i, B]) with M a lstsq map A→B fitted on the store (normalized space)
     freq              fraction of tokens where f_i > 0
     mean_act          mean_t f_i,t;  mean_act_active: mean over tokens where f_i > 0
     beta_{rec,err}_{a,b}, nu_{rec,err}   Latent Scaling (exclusive latents; see below)
@@ -226,11 +227,12 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     mean_act = pas.sum_L / max(pas.rows, 1)
     dead = pas.count_L == 0
     labels = label_latents(r, dead, cfg)
+    dec_cos, dec_cos_method = _dec_cos(model, store)
     table = pd.DataFrame({
         "latent": np.arange(model.cfg.dict_size), "label": labels, "dead": dead.numpy(),
         "dec_norm_a": n_A.numpy(), "dec_norm_b": n_B.numpy(),
         "rel_norm_r_b": r.numpy(), "rel_norm_delta_b": delta.numpy(),
-        "dec_cos_ab": _dec_cos(model).numpy(),
+        "dec_cos_ab": dec_cos.numpy(),
         "freq": freq.numpy(), "mean_act": mean_act.numpy(),
         "mean_act_active": (pas.sum_L / pas.count_L.clamp(min=1)).numpy(),
     })
@@ -251,6 +253,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     table.loc[dead.numpy(), [c for c in table.columns if c.startswith(("beta", "nu"))]] = np.nan
 
     summary = _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead)
+    summary["dec_cos_method"] = dec_cos_method
     table.to_parquet(out / "latents.parquet", index=False)
     table.to_csv(out / "latents.csv", index=False)
     atomic_write_json(out / "summary.json", summary)
@@ -258,11 +261,27 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _dec_cos(model: CrossCoder) -> torch.Tensor:
+def _dec_cos(model: CrossCoder, store) -> tuple[torch.Tensor, str]:
+    """Cosine of each latent's A and B decoder blocks: directly when the widths match, otherwise after
+    carrying the A block into B's space with a least-squares map fitted on the store (normalized
+    space, :class:`diffkit.linear_map.LinearMap`)."""
     W = model.split(model.W_dec_LD.detach())
-    if W[0].shape[1] != W[1].shape[1]:
-        return torch.full((model.cfg.dict_size,), float("nan"))
-    return torch.nn.functional.cosine_similarity(W[0], W[1], dim=1, eps=1e-12)
+    if W[0].shape[1] == W[1].shape[1]:
+        return torch.nn.functional.cosine_similarity(W[0], W[1], dim=1, eps=1e-12), "direct (equal widths)"
+    try:
+        from diffkit.linear_map import LinearMap
+    except ImportError:
+        return torch.full((model.cfg.dict_size,), float("nan")), "n/a: widths differ and no LinearMap is available"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lmap = LinearMap(method="lstsq", space="normalized").fit(store)
+    carried = torch.as_tensor(lmap.carry_directions(W[0].double().numpy()), dtype=torch.float32)
+    fve = lmap.scores_["a_to_b"]["heldout_fve"]
+    return (torch.nn.functional.cosine_similarity(carried, W[1], dim=1, eps=1e-12),
+            f"A block carried into B's space by a lstsq LinearMap fitted on the store (normalized space; held-out "
+            f"FVE A->B {fve:.3f})")
 
 
 def _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead) -> dict:
@@ -293,8 +312,6 @@ def _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead) -> dict
             "cca_decoders": "mean canonical correlation of W_dec[:, A] and W_dec[:, B], live latents as samples",
             "latent_scaling": "beta_m = sum_t f_t <y_m,t, d> / (||d||^2 sum_t f_t^2); nu = beta_other / beta_owner",
         },
-        "dec_cos_note": "decoder cosine between sources needs equal widths; NaN otherwise"
-        if model.cfg.d_in[0] != model.cfg.d_in[1] else "",
     }
     summary["top"] = {lab: _top_latents(table, lab, pas, store, cfg) for lab in ("A-only", "B-only")}
     return json.loads(json.dumps(summary, default=float).replace("NaN", "null"))

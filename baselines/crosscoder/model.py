@@ -48,7 +48,6 @@ from torch import nn
 from diffkit.errors import DiffkitError
 
 from .model_util import all_reduce as _all_reduce
-from .model_util import global_topk_threshold
 from .model_util import world as _world
 from .sparse import DecodeAt, EncodeAt, select_batchtopk, select_rowtopk
 
@@ -180,11 +179,11 @@ class CrossCoder(nn.Module):
         if not sparse:
             pre_BL = x_BD @ self.W_enc_LD.T + self.b_enc_L
             relu_BL = torch.relu(pre_BL)
-            score_BL = relu_BL * norm_L.detach()
-            vals, idx = global_topk_threshold(score_BL.detach().flatten(), n_keep)
-            mask = torch.zeros(B * cfg.dict_size, dtype=torch.bool, device=x_BD.device)
-            mask[idx[vals > 0]] = True
-            f_BL = relu_BL * mask.view(B, -1)
+            with torch.no_grad():  # the same exact selection as the sparse path
+                rows_N, cols_N, vals = select_batchtopk(relu_BL * norm_L.detach(), n_keep, per_row=4 * cfg.k)
+                mask = torch.zeros(B, cfg.dict_size, dtype=torch.bool, device=x_BD.device)
+                mask[rows_N, cols_N] = True
+            f_BL = relu_BL * mask
             return Forward(f_BL, f_BL @ self.W_dec_LD + self.b_dec_D, pre_BL,
                            min_kept_score=_min_positive(vals))
         # Sparse path (see .sparse): a dense, graph-free score picks the code; everything after

@@ -23,7 +23,8 @@ from .model_util import all_reduce, global_topk_threshold
 
 def sort_pairs(rows_N: torch.Tensor, cols_N: torch.Tensor, L: int) -> torch.Tensor:
     """Permutation putting the pairs in CSR order (row-major, latents ascending within a row)."""
-    return torch.argsort(rows_N * L + cols_N)
+    # stable=True: torch 2.13's default (unstable) CPU argsort took 184 ms for 131k int64 keys, this 1 ms
+    return torch.sort(rows_N * L + cols_N, stable=True).indices
 
 
 def csr(rows_N: torch.Tensor, cols_N: torch.Tensor, vals_N: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
