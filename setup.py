@@ -24,6 +24,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "pandas>=2.0",
+        "pyarrow>=12",      # FeatureDiff tables as parquet (pandas.to_parquet)
         "click>=8.1",
         "safetensors>=0.4",
         "tqdm>=4.60",       # progress bars on every long stage
