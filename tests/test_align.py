@@ -85,10 +85,10 @@ def test_planted_exclusives_come_out_unmatched_or_on_top(planted):
 
 
 def test_planted_rotation_exact_through_the_pipeline(tmp_path):
-    """No noise, exact decoders: the map is recovered and every pair is the planted one."""
+    """No noise, exact decoders, SAEs of different sizes (144 vs 176 features): every pair is the planted one."""
     from diffkit.synthetic import PlantedConfig, make_planted, write_planted_saes, write_planted_store
 
-    pair = make_planted(PlantedConfig(d_a=48, d_b=48, n_shared=128, n_a_only=16, n_b_only=16, n_tokens=8192, seed=3))
+    pair = make_planted(PlantedConfig(d_a=48, d_b=48, n_shared=128, n_a_only=16, n_b_only=48, n_tokens=8192, seed=3))
     write_planted_store(pair, tmp_path / "store")
     write_planted_saes(pair, tmp_path / "a", tmp_path / "b")
     store = ActivationStore.open(tmp_path / "store")
@@ -98,6 +98,7 @@ def test_planted_rotation_exact_through_the_pipeline(tmp_path):
     asg = diff.assignment
     got[asg.pair_a[asg.matched]] = asg.pair_b[asg.matched]
     assert np.array_equal(got, pair.match_a_to_b)
+    assert (asg.n_a, asg.n_b) == (144, 176) and set(asg.b_only) == set(pair.b_only)
     # Not 1: the lstsq map also regresses on A-only activity, which tilts carried directions a little.
     assert asg.similarity[asg.matched].min() > 0.9
 
