@@ -243,7 +243,7 @@ def fit_map(acts, out, method, alpha, space, quiet):
 
 
 @main.command()
-@click.option("--sae-a", required=True, help="SAE of model A: sae-lens directory, .safetensors file, or RELEASE/SAE_ID.")
+@click.option("--sae-a", required=True, help="SAE of model A: sae-lens directory, .safetensors file, zoo:NAME[@seedN], or RELEASE/SAE_ID.")
 @click.option("--sae-b", required=True, help="SAE of model B (same kinds of SPEC).")
 @click.option("--acts", type=click.Path(path_type=Path), required=True, help="Activation store of the two models.")
 @click.option("--map", "map_dir", type=click.Path(path_type=Path), default=None,

@@ -1,6 +1,6 @@
 """SAE specs -> loaded sae-lens SAEs, checked against an activation store.
 
-A SPEC is, in the order tried:
+A SPEC is one of:
 
 1. a local **sae-lens directory** (``cfg.json`` + ``sae_weights.safetensors``), loaded with
    ``SAE.load_from_disk``;
@@ -9,7 +9,8 @@ A SPEC is, in the order tried:
    ``cfg.json``) holding at least ``d_in`` and ``d_sae``; ``architecture`` defaults to ``jumprelu``
    when a threshold is present, ``topk`` when the config has ``k``, else ``standard``; built with
    ``SAE.from_dict`` so the encoding is sae-lens's own;
-3. ``RELEASE/SAE_ID`` from sae-lens's pretrained registry (``pretrained_saes.yaml``), loaded with
+3. ``zoo:NAME`` (or ``zoo:NAME@seedN``): an SAE of the embedded zoo, an sae-lens directory;
+4. ``RELEASE/SAE_ID`` from sae-lens's pretrained registry (``pretrained_saes.yaml``), loaded with
    ``SAE.from_pretrained`` (needs the hub; the SAE id may itself contain slashes).
 
 Encoding always goes through the SAE's own ``encode``, so JumpReLU thresholds, TopK's k, and the
@@ -146,6 +147,10 @@ def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
     from sae_lens import SAE
 
     path = Path(spec)
+    if spec.startswith("zoo:"):  # the embedded zoo's SAEs: zoo:NAME or zoo:NAME@seedN
+        from .zoo import sae_spec_dir
+
+        path = sae_spec_dir(spec)
     if path.is_dir():
         if not (path / SAE_LENS_CFG).exists():
             raise DiffkitError(f"SAE directory {path} has no {SAE_LENS_CFG}: point at an sae-lens SAE directory")
@@ -160,8 +165,8 @@ def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
     elif "/" in spec and not spec.startswith((".", "/")):
         sae, source = _load_registry(spec, device), "registry"
     else:
-        raise DiffkitError(f"SAE {spec!r} does not exist: pass an sae-lens directory, a .safetensors file, or "
-                           "RELEASE/SAE_ID")
+        raise DiffkitError(f"SAE {spec!r} does not exist: pass an sae-lens directory, a .safetensors file, zoo:NAME, "
+                           "or RELEASE/SAE_ID")
     for name, param in sae.state_dict().items():
         if not torch.isfinite(param).all():
             bad = int((~torch.isfinite(param)).sum())

@@ -131,18 +131,36 @@ def test_identical_models_show_no_difference_and_fewer_than_the_finetune(zoo_dif
         assert same[key] < ft[key], (key, same, ft)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 3 expects base vs base-seed1 to differ less than base vs finetuned under every score; measured on the "
-    "zoo (100k tokens) it is the other way round: the seed pair's map explains held-out FVE 0.58 vs 0.89 for the "
-    "fine-tune, 191 vs 538 pairs reach similarity 0.5, median pair correlation 0.39 vs 0.60. A model trained from "
-    "another seed is a different network; a 400-step fine-tune stays close to its base."))
-def test_seed_pair_differs_less_than_the_finetune_under_every_score(zoo_diffs):
-    seed, ft = _differences(zoo_diffs["base-seed1"]), _differences(zoo_diffs["finetuned"])
-    assert all(seed[key] < ft[key] for key in seed), (seed, ft)
+def test_sae_seed_control_is_below_the_finetune_on_matches_and_activations(zoo_stores, zoo_diffs):
+    """The noise floor: the same model (base vs base) with its SAE retrained from another seed.
+
+    Measured (20k tokens): 570 shared vs 541 for the fine-tune, unmatched 908 vs 966, median
+    |freq log-ratio| 0.344 vs 0.387, |mean-act log-ratio| 0.379 vs 0.414, 1 − corr 0.401 vs 0.408;
+    the robust encoder-norm difference is *not* below the fine-tune's (0.122 vs 0.117). Two SAEs of
+    one model disagree almost as much as the SAEs of base and a short fine-tune: per-feature
+    differences must be read against this floor (README, "Reading the diff").
+    """
+    store = zoo_stores["base"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        control = align(store, load_sae("zoo:base"), load_sae("zoo:base@seed1"), LinearMap().fit(store),
+                        AlignConfig(n_contexts=0))
+    noise, ft = _differences(control), _differences(zoo_diffs["finetuned"])
+    assert control.summary["map"]["scores"]["a_to_b"]["heldout_fve"] > 0.999  # the same model: the map is exact
+    for key in ("unmatched", "freq_log_ratio", "mean_act_log_ratio", "one_minus_corr"):
+        assert noise[key] < ft[key], (key, noise, ft)
+    # ...but not far below: the floor is most of the signal on this zoo.
+    assert noise["unmatched"] > 0.8 * ft["unmatched"]
 
 
-def test_seed_pair_and_finetune_as_measured(zoo_diffs):
-    """What the zoo does show (pinning the measurement the xfail above reports)."""
+def test_model_seed_pair_differs_more_than_the_finetune(zoo_diffs):
+    """base vs base-seed1 (another model, trained from another seed) vs base vs its 400-step fine-tune.
+
+    Issue 3 expected the seed pair to differ less; on the zoo it is the other way round (100k
+    tokens: held-out map FVE 0.58 vs 0.89, 191 vs 538 pairs at similarity ≥ 0.5, median pair
+    correlation 0.39 vs 0.60): an independently trained network is a different network, while a
+    short fine-tune stays close to its base. The SAE-seed control above is the noise floor.
+    """
     seed, ft = zoo_diffs["base-seed1"], zoo_diffs["finetuned"]
     assert seed.summary["map"]["scores"]["a_to_b"]["heldout_fve"] < ft.summary["map"]["scores"]["a_to_b"]["heldout_fve"]
     assert seed.summary["counts"]["shared"] < ft.summary["counts"]["shared"]

@@ -44,11 +44,14 @@ def _sae_activations(name: str):
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("name", zoo.ZOO_MODELS)
-def test_zoo_saes_load_through_sae_lens_and_reconstruct(name):
+ZOO_SAES = [(name, 0) for name in zoo.ZOO_MODELS] + [(n, s) for n, seeds in zoo.EXTRA_SAE_SEEDS.items() for s in seeds]
+
+
+@pytest.mark.parametrize("name,seed", ZOO_SAES)
+def test_zoo_saes_load_through_sae_lens_and_reconstruct(name, seed):
     from sae_lens import SAE
 
-    sae = SAE.load_from_disk(zoo.sae_dir(name))
+    sae = SAE.load_from_disk(zoo.sae_dir(name, seed))
     d_model = RECIPES[name].d_model
     assert sae.cfg.d_in == d_model and sae.cfg.d_sae == SAE_RECIPE.d_sae
     assert sae.cfg.metadata.hook_name == zoo.SAE_HOOK
@@ -128,8 +131,26 @@ def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
     assert not torch.equal(base_w, ft_w) and torch.allclose(base_w, ft_w, atol=0.05)  # fine-tuned from base
     report = json.loads((tmp_path / "build.json").read_text())
     assert set(report) == {"base", "finetuned", "_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    # base also gets its seed-1 SAE (the SAE-noise control), trained from another initialisation.
+    assert report["base"]["sae_seed1"]["l0"] <= 4 and "sae_seed1" not in report["finetuned"]
+    sae0, sae1 = (SAE.load_from_disk(tmp_path / "base" / d) for d in ("sae", "sae-seed1"))
+    assert not torch.equal(sae0.W_dec, sae1.W_dec)
     before = (tmp_path / "base" / "model" / "model.safetensors").read_bytes()
     result = CliRunner().invoke(main, ["zoo", "build", "base", "--out", str(tmp_path), "--saes-only"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "base" / "model" / "model.safetensors").read_bytes() == before
     assert SAE.load_from_disk(tmp_path / "base" / "sae").cfg.d_in == 32
+
+
+def test_sae_specs_name_zoo_saes_and_their_seeds():
+    from diffkit.errors import DiffkitError
+    from diffkit.saes import load_sae
+
+    assert zoo.sae_spec_dir("zoo:base") == zoo.sae_dir("base")
+    assert zoo.sae_spec_dir("zoo:base@seed1") == zoo.ARTIFACTS / "base" / "sae-seed1"
+    a, b = load_sae("zoo:base"), load_sae("zoo:base@seed1")
+    assert a.d_sae == b.d_sae and not torch.equal(a.W_dec, b.W_dec)
+    for bad, message in (("zoo:base@seed7", "seeds 0, 1"), ("zoo:finetuned@seed1", "seeds 0,"),
+                         ("zoo:base@7", "zoo:NAME@seedN"), ("zoo:nope", "unknown zoo model")):
+        with pytest.raises(DiffkitError, match=message):
+            load_sae(bad)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from ..corpora import token_sequences
 from ..tokenizer import ByteTokenizer
-from .recipes import RECIPES, SAE_RECIPE, ModelRecipe, SAERecipe
+from .recipes import EXTRA_SAE_SEEDS, RECIPES, SAE_RECIPE, ModelRecipe, SAERecipe
 
 EVAL_SEQUENCES = 64  # held-out sequences per domain for `zoo info`
 
@@ -176,7 +176,7 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
     import torch
     from tqdm import tqdm
 
-    from . import ARTIFACTS
+    from . import ARTIFACTS, sae_subdir
     from ..models import load_checkpoint, save_checkpoint
     from ..tokenizer import ByteTokenizer as Tok
 
@@ -214,8 +214,11 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
         if "heldout_loss" not in entry:  # --saes-only on models that build.json does not describe
             entry["heldout_loss"] = heldout_losses(model, recipe.n_ctx)
         t1 = time.time()
-        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / "sae")
+        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / sae_subdir(0))
         entry["sae_seconds"] = round(time.time() - t1, 1)
+        for seed in EXTRA_SAE_SEEDS.get(name, ()):
+            entry[f"sae_seed{seed}"] = train_sae(model, replace(SAE_RECIPE, seed=seed), name,
+                                                 out_root / name / sae_subdir(seed))
         report[name] = entry
         losses, sae = entry["heldout_loss"], entry["sae"]
         log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "

@@ -44,6 +44,9 @@ class SAERecipe:
 
 SAE_HOOK = SAERecipe.hook
 SAE_RECIPE = SAERecipe()
+# Extra SAEs on the same model with other seeds: the noise floor of comparing two independently
+# trained SAEs (Paulo & Belrose 2025), with the model itself held fixed.
+EXTRA_SAE_SEEDS: dict[str, tuple[int, ...]] = {"base": (1,)}
 
 RECIPES: dict[str, ModelRecipe] = {r.name: r for r in (
     ModelRecipe("base", "trained on English prose (pydoc topics)", corpus="prose", steps=1500, seed=0),
