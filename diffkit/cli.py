@@ -201,7 +201,7 @@ def zoo_build(names, out, saes_only):
               help="Where the (large, uncommitted) intermediate artifacts go.")
 @click.option("--tokens", type=int, default=100_000, show_default=True, help="Tokens per activation store.")
 def demo(out, work, tokens):
-    """The embedded default, end to end, on the zoo (what exists so far: collection of both pairs)."""
+    """The embedded default, end to end, on the zoo: collect three pairs, diff each, write reports/demo/report.md."""
     from .demo import run_demo
 
     run_demo(out, work, tokens, log=click.echo)
