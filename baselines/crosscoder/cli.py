@@ -28,8 +28,9 @@ def crosscoder() -> None:
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Global batch (all processes).")
 @click.option("--tokens", type=int, default=0, help="Training tokens (default: one epoch of the train split).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Init and batch-order seed.")
-@click.option("--dead-after-tokens", type=int, default=1_000_000, show_default=True,
-              help="batchtopk: a latent silent this long is dead and gets the auxiliary loss.")
+@click.option("--dead-after-tokens", type=int, default=0,
+              help="batchtopk: a latent silent this long is dead and gets the auxiliary loss (0: --tokens / 10, "
+                   "at most 10M).")
 @click.option("--dec-init-norm", type=float, default=0.0, help="Decoder row norm per source at init (0: 0.08 l1, 0.1 batchtopk).")
 @click.option("--dense", is_flag=True, help="batchtopk: dense decoder/backward instead of the sparse path.")
 @click.option("--log-every", type=int, default=50, show_default=True, help="Steps between metrics lines.")

@@ -69,7 +69,8 @@ class TrainConfig:
     dec_init_norm: float = 0.0      # 0: arch default (l1 0.08, batchtopk 0.1; see resolve_config)
     aux_alpha: float = 1 / 32
     k_aux: int = 0                  # 0: D // 2
-    dead_after_tokens: int = 1_000_000
+    dead_after_tokens: int = 0      # 0: tokens // 10, at most 10M (see resolve_config)
+    reset_dead_adam: bool = True    # zero a latent's Adam moments when it turns dead (see _reset_adam_rows)
     threshold_beta: float = 0.99    # EMA of the BatchTopK inference threshold...
     threshold_start_frac: float = 0.2  # ...updated from this fraction of the steps on (early scores are off)
     sparse: bool = True             # batchtopk: sparse encoder-backward / decoder path
@@ -145,6 +146,22 @@ class _Step(nn.Module):
             n_active = (out.f_BL > 0).sum()
         min_kept = out.min_kept_score if out.min_kept_score is not None else x_BD.new_tensor(float("inf"))
         return parts.loss, parts.recon, parts.sparsity, parts.aux, out.x_hat_BD.detach(), fired_L, n_active, min_kept
+
+
+def _reset_adam_rows(opt: torch.optim.Optimizer, model: CrossCoder, rows_L: torch.Tensor) -> None:
+    """Zero the Adam moments of latents ``rows_L`` (their W_enc and W_dec rows and b_enc entries).
+
+    A latent that dies carries the second moment of the reconstruction gradients it received while
+    alive; the aux loss's gradient is far smaller (weight 1/32, only the residual), so with
+    β₂ = 0.999 its steps stay far below the lr for the rest of a short run and the aux loss
+    cannot revive it (zoo pair: aux ratio ‖e−ê‖²/‖e‖² stuck at 1.05, 59% dead; with the reset it
+    falls to 0.8 and dead latents come back). Anthropic's resampling resets the moments likewise.
+    """
+    for p in (model.W_enc_LD, model.b_enc_L, model.W_dec_LD):
+        state = opt.state.get(p)
+        if state:
+            state["exp_avg"][rows_L] = 0
+            state["exp_avg_sq"][rows_L] = 0
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -263,7 +280,7 @@ def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 def resolve_config(cfg: TrainConfig, store) -> TrainConfig:
-    """Fill the defaults that depend on the store (tokens, decoder init norm)."""
+    """Fill the defaults that depend on the store (tokens, decoder init norm, dead-latent window)."""
     if cfg.tokens == 0:
         cfg = replace(cfg, tokens=store.n_tokens("train"))
     if cfg.dec_init_norm == 0:
@@ -271,6 +288,11 @@ def resolve_config(cfg: TrainConfig, store) -> TrainConfig:
         # random direction of norm ~1 (on the zoo pair, init 1.0 left the median decoder cosine between
         # the two blocks at 0.21 and every relative norm within 0.02 of its init; 0.1 gave 0.83).
         cfg = replace(cfg, dec_init_norm=0.08 if cfg.arch == "l1" else 0.1)
+    if cfg.dead_after_tokens == 0:
+        # Proportionate to the run (Minder et al.: 10M tokens of runs far longer). A window longer than the
+        # run (the old fixed 1M on a 600k-token run) means the aux loss never applies; on the zoo pair
+        # (600k tokens, batch 2048) 50k-200k windows with Adam resets left 37-40% dead vs 59-66% without.
+        cfg = replace(cfg, dead_after_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 10)))
     return cfg
 
 
@@ -348,6 +370,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
                     group["lr"] = lr
                 lam = l1_at(cfg, step)
                 dead_L = since_fired_L >= cfg.dead_after_tokens
+                if cfg.reset_dead_adam and mcfg.arch == "batchtopk":
+                    newly_dead = dead_L & (since_fired_L < cfg.dead_after_tokens + cfg.batch_size)
+                    if bool(newly_dead.any()):
+                        _reset_adam_rows(opt, model, newly_dead)
                 with autocast:
                     loss, recon, sparsity, aux, x_hat_BD, fired_L, n_active, min_kept = step_fn(
                         x_BD, torch.tensor(lam, device=device), dead_L)
