@@ -106,7 +106,7 @@ def test_two_processes_under_torchrun_match_one_process(small_store, tmp_path):
             "--quiet", "--threads", "1"]
     torchrun = Path(PY).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "diffkit.cli",
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "diffkit.cli",
                           "crosscoder", "train", "--out", str(tmp_path / "ddp"), *opts], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]

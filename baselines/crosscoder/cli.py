@@ -66,7 +66,13 @@ def train_cmd(acts, out, arch, dict_size, k, l1, lr, batch_size, tokens, seed, d
     if summary.get("world_size", 1) > 1:
         import torch.distributed as dist
 
-        if dist.get_rank() != 0:
+        # Every rank waits until rank 0 has written the artifact, then the group is closed: a rank
+        # that exits with gloo's threads still running aborts ("terminate called without an
+        # active exception"), which torchrun reports as a failed run.
+        dist.barrier()
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
             return
     held = summary["heldout"]
     figs = "  ".join(f"{key} {val:.4f}" for key, val in held.items() if key.startswith("fve_"))
