@@ -1,10 +1,11 @@
 """The training-free diff: activation store + linear map + two SAEs -> FeatureDiff.
 
 Steps (:func:`align`): check both SAEs against the store (width, hook, finite weights); carry A's
-decoder directions into B's space through the linear part of the A→B map; one pass over the
-store's tokens encoding A's activations with A's SAE and B's with B's (same tokens) for
-per-feature statistics; optimal one-to-one assignment (:mod:`diffkit.matching`); pairs below the
-similarity threshold become unmatched (A-only / B-only); a second pass for the pair correlations.
+decoder directions into B's space through the linear part of the A→B map; optimal one-to-one
+assignment (:mod:`diffkit.matching`); pairs below the similarity threshold become unmatched
+(A-only / B-only); one pass over the store's tokens encoding A's activations with A's SAE and B's
+with B's (same tokens) for per-feature statistics and the pair correlations. (With a correlation
+cost the pass comes first, since the assignment needs the full cross sums.)
 
 Table columns (``features.parquet`` / ``features.csv``; one row per matched pair or unmatched feature):
 
@@ -78,7 +79,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import DiffkitError
-from .matching import Assignment, assign
+from .matching import Assignment, assign, unit_rows
 from .metrics import log_ratio, robust_scale
 
 DIFF_KIND = "diffkit.FeatureDiff"
@@ -305,31 +306,32 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
     if need_cross and sae_a.d_sae * sae_b.d_sae > 1 << 27:
         raise DiffkitError(f"--cost {cfg.cost} needs the full {sae_a.d_sae}×{sae_b.d_sae} correlation matrix: too "
                            "large; use --cost cosine for SAEs this size")
-    stats = _stat_pass(store, sae_a, sae_b, cfg, cross=need_cross, pairs=None, progress=progress)
-    t_stats = time.perf_counter()
-    extra = correlation(stats["full"].numpy(), stats["a"], stats["b"]) if need_cross else None
-    asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
-                 blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
-    t_assign = time.perf_counter()
-    from .matching import unit_rows
-
-    cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
-    if extra is not None:
+    # One pass over the store either way: a correlation cost needs the full cross sums before the
+    # assignment; a cosine cost needs none, so the pass runs after it and sums only the pairs.
+    if need_cross:
+        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress)
+        t_stats = time.perf_counter()
+        extra = correlation(stats["full"].numpy(), stats["a"], stats["b"])
+        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
+                     blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
+        t_assign = time.perf_counter()
+        _check_some_match(asg, cfg, sae_a, sae_b)
         pair_corr = extra[asg.pair_a, asg.pair_b]
     else:
-        pair_stats = _stat_pass(store, sae_a, sae_b, AlignConfig(**{**asdict(cfg), "n_contexts": 0}), cross=False,
-                                pairs=(asg.pair_a, asg.pair_b), progress=progress)
-        pair_corr = correlation(pair_stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
-    n_matched = int(asg.matched.sum())
-    if n_matched == 0:
-        raise DiffkitError(f"no feature pair reaches similarity {cfg.threshold} (best assigned pair: "
-                           f"{float(asg.similarity.max()):.3f}; SAE sizes {sae_a.d_sae} and {sae_b.d_sae}): these SAEs "
-                           "share nothing at this threshold; check that they belong to the store's models and hooks, "
-                           "or lower --threshold")
+        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, device=cfg.device,
+                     progress=progress)
+        t_assign = time.perf_counter()
+        _check_some_match(asg, cfg, sae_a, sae_b)
+        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=False, pairs=(asg.pair_a, asg.pair_b), progress=progress)
+        t_stats = time.perf_counter()
+        pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
+    cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
     table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
                    cfg.rank_by)
     summary = _summary(asg, lmap, stats, cfg, notes, table, pair_corr,
-                       {"stats": t_stats - t0, "assign": t_assign - t_stats, "total": time.perf_counter() - t0})
+                       {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
+                        "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
+                        "total": time.perf_counter() - t0})
     contexts = {}
     if cfg.n_contexts:
         tok = _store_tokenizer(store)
@@ -337,6 +339,14 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
             for i in _top_features(table, side, 5):
                 contexts[(side, i)] = _decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
     return FeatureDiff(table, asg, summary, cfg, contexts)
+
+
+def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any) -> None:
+    if not asg.matched.any():
+        raise DiffkitError(f"no feature pair reaches similarity {cfg.threshold} (best assigned pair: "
+                           f"{float(asg.similarity.max()):.3f}; SAE sizes {sae_a.d_sae} and {sae_b.d_sae}): these SAEs "
+                           "share nothing at this threshold; check that they belong to the store's models and hooks, "
+                           "or lower --threshold")
 
 
 def _top_features(table: Any, side: str, n: int) -> list[int]:
