@@ -30,6 +30,8 @@ setup(
         "tqdm>=4.60",       # progress bars on every long stage
         "matplotlib>=3.7",  # report figures
         "psutil>=5.9",      # peak-memory figures in the benchmarks
+        "scikit-learn>=1.3",  # the toy experiments: offline digits data, CCA reference, t-SNE
+        "mnist1d>=0.0.2",   # the toy experiments: a second offline dataset, generated not downloaded
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["diffkit=diffkit.cli:main"]},
