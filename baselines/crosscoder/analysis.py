@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from diffkit.errors import DiffkitError
+from diffkit.metrics import cca_of_samples, mean_cca  # noqa: F401  (moved to diffkit.metrics; re-exported)
 from diffkit.store_format import atomic_write_json
 
 from .metrics import FveAccumulator
@@ -102,25 +103,6 @@ def sharedness(r: torch.Tensor, weight: torch.Tensor) -> float:
     """``Σ w (1 − |2r − 1|) / Σ w``: 1 if all weight sits on latents with r = 0.5, 0 if on r ∈ {0, 1}."""
     w = weight.double().clamp(min=0)
     return float((w * (1 - (2 * r.double() - 1).abs())).sum() / w.sum().clamp(min=1e-300))
-
-
-def mean_cca(cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor, eps: float = 1e-6) -> float:
-    """Mean canonical correlation from (centered) covariance blocks: singular values of
-    ``Cxx^{-1/2} Cxy Cyy^{-1/2}``, averaged over the first ``min(dx, dy)``, each clipped to [0, 1]."""
-    def inv_sqrt(c):
-        c = c.double()
-        c = c + eps * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-        vals, vecs = torch.linalg.eigh(c)
-        return vecs @ torch.diag(vals.clamp(min=1e-300).rsqrt()) @ vecs.T
-
-    rho = torch.linalg.svdvals(inv_sqrt(cxx) @ cxy.double() @ inv_sqrt(cyy))
-    return float(rho[:min(cxx.shape[0], cyy.shape[0])].clamp(0, 1).mean())
-
-
-def cca_of_samples(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean canonical correlation between the rows of ``x`` and ``y`` (samples × features)."""
-    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
-    return mean_cca(x.T @ x, y.T @ y, x.T @ y)
 
 
 class _Pass:
