@@ -147,3 +147,47 @@ def test_two_stage_batchtopk_selection_is_exact_even_when_winners_crowd_into_few
         assert set(zip(rows.tolist(), cols.tolist())) == expected
         assert torch.equal(vals, score[rows, cols])
         assert (torch.diff(rows * 500 + cols) > 0).all()  # CSR order
+
+
+def test_training_step_runs_under_bf16_autocast_with_float32_sparse_products():
+    """The first GPU run failed here: under bf16 autocast the selection score is bf16, and the sparse
+    products (CUDA sampled_addmm, MKL CSR) reject it. CPU autocast reproduces the same failure."""
+    from baselines.crosscoder.train import TrainConfig, _Step
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:128] = True  # the aux loss (sparse products too) runs
+    grads = {}
+    for sparse in (True, False):
+        for autocast in (False, True):
+            m = CrossCoder(CrossCoderConfig(d_in=(16, 16), dict_size=256, k=4), seed=0)
+            step = _Step(m, TrainConfig(acts="", out="", sparse=sparse, dict_size=256, k=4))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = step(x, torch.tensor(0.0), dead)[0]
+            loss.backward()
+            assert torch.isfinite(loss) and m.W_dec_LD.grad.dtype == torch.float32
+            grads[sparse, autocast] = m.W_dec_LD.grad
+    for sparse in (True, False):  # bf16 changes the numbers a little, not the gradient's direction
+        cos = torch.nn.functional.cosine_similarity(grads[sparse, False].flatten(), grads[sparse, True].flatten(), dim=0)
+        assert cos > 0.95, (sparse, float(cos))
+
+
+def test_prefetched_batches_keep_their_order_and_raise_the_workers_error():
+    import numpy as np
+
+    from baselines.crosscoder.prefetch import prefetched
+
+    batches = [(np.full((4, 2), i, np.float32), np.zeros((4, 3), np.float32)) for i in range(7)]
+    for threaded in (False, True):
+        got = list(prefetched(iter(batches), torch.device("cpu"), depth=2, threaded=threaded))
+        assert [float(x[0, 0]) for x in got] == list(range(7)) and got[0].shape == (4, 5)
+
+    def failing():
+        yield batches[0]
+        raise ValueError("truncated shard")
+
+    with pytest.raises(ValueError, match="truncated shard"):
+        list(prefetched(failing(), torch.device("cpu"), threaded=True))
+    it = prefetched(iter(batches), torch.device("cpu"), depth=1, threaded=True)
+    assert float(next(it)[0, 0]) == 0.0
+    it.close()  # a consumer that stops early (the run reached its steps) ends the worker

@@ -39,13 +39,15 @@ def crosscoder() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the training step.")
 @click.option("--no-autocast", is_flag=True, help="CUDA: train in fp32 instead of bf16 autocast.")
+@click.option("--prefetch", type=int, default=2, show_default=True,
+              help="CUDA: batches gathered ahead on a background thread (0: off).")
 @click.option("--wandb", default="", help="Log to this wandb project (needs wandb installed).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(acts, out, arch, dict_size, k, l1, lr, batch_size, tokens, seed, dead_after_tokens, dec_init_norm,
-              dense, log_every, eval_every, checkpoint_every, device, compile_, no_autocast, wandb, threads, resume,
-              quiet):
+              dense, log_every, eval_every, checkpoint_every, device, compile_, no_autocast, prefetch, wandb, threads,
+              resume, quiet):
     """Train a crosscoder on an activation store (several processes: run under torchrun).
 
     \b
@@ -61,7 +63,7 @@ def train_cmd(acts, out, arch, dict_size, k, l1, lr, batch_size, tokens, seed, d
                       batch_size=batch_size, tokens=tokens, seed=seed, dead_after_tokens=dead_after_tokens,
                       dec_init_norm=dec_init_norm, sparse=not dense, log_every=log_every, eval_every=eval_every,
                       checkpoint_every=checkpoint_every, device=_device(device), compile=compile_,
-                      autocast=not no_autocast, wandb=wandb)
+                      autocast=not no_autocast, prefetch=prefetch, wandb=wandb)
     summary = train(cfg, resume=resume, progress=not quiet, threads=threads or None, log=click.echo)
     if summary.get("world_size", 1) > 1:
         import torch.distributed as dist

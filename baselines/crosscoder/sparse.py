@@ -10,6 +10,12 @@ in a second round (under DDP all ranks take part in it).
 
 Shape letters as in :mod:`.model`; ``N``: kept pairs, sorted by (row, latent) so that the same
 index order is the CSR order of every product.
+
+Precision: the sparse products always run in float32, outside autocast. Under bf16 autocast
+(the CUDA default) the selection score comes out in bf16, and neither CUDA's ``sampled_addmm``
+(mixed dtypes) nor MKL's CSR product (no bf16 kernel) accepts it; the first GPU run of this code
+failed exactly there. The products are O(N·D), so float32 costs little; the dense encoder score,
+where bf16 pays, stays under autocast.
 """
 
 from __future__ import annotations
@@ -50,12 +56,12 @@ class EncodeAt(torch.autograd.Function):
     def forward(ctx, pre_N, x_BD, W_enc_LD, b_enc_L, rows_N, cols_N):
         ctx.save_for_backward(x_BD, rows_N, cols_N)
         ctx.L = W_enc_LD.shape[0]
-        return pre_N.clone()
+        return pre_N.to(torch.float32, copy=True)  # float32 from here on (see the module docstring)
 
     @staticmethod
     def backward(ctx, g_N):
         x_BD, rows_N, cols_N = ctx.saved_tensors
-        S_T = csr_t(rows_N, cols_N, g_N.contiguous(), (x_BD.shape[0], ctx.L))
+        S_T = csr_t(rows_N, cols_N, g_N.to(x_BD.dtype).contiguous(), (x_BD.shape[0], ctx.L))
         grad_W = S_T @ x_BD
         grad_b = torch.zeros(ctx.L, dtype=g_N.dtype, device=g_N.device).index_add_(0, cols_N, g_N)
         return None, None, grad_W, grad_b, None, None
@@ -67,15 +73,18 @@ class DecodeAt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vals_N, W_dec_LD, rows_N, cols_N, B):
-        S = csr(rows_N, cols_N, vals_N, (B, W_dec_LD.shape[0]))
+        vals_N = vals_N.to(W_dec_LD.dtype)  # float32 (see the module docstring)
+        with torch.autocast(device_type=W_dec_LD.device.type, enabled=False):
+            S = csr(rows_N, cols_N, vals_N, (B, W_dec_LD.shape[0]))
+            out = S @ W_dec_LD
         ctx.save_for_backward(vals_N, W_dec_LD, rows_N, cols_N)
         ctx.B = B
-        return S @ W_dec_LD
+        return out
 
     @staticmethod
     def backward(ctx, g_BD):
         vals_N, W_dec_LD, rows_N, cols_N = ctx.saved_tensors
-        g_BD = g_BD.contiguous()
+        g_BD = g_BD.to(W_dec_LD.dtype).contiguous()
         L = W_dec_LD.shape[0]
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:

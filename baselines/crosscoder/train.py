@@ -41,13 +41,15 @@ from diffkit.errors import DiffkitError
 from diffkit.store_format import atomic_write_bytes, atomic_write_json
 
 from .metrics import FveAccumulator
+from .prefetch import prefetched
 from .model import CrossCoder, CrossCoderConfig, _all_reduce, crosscoder_loss, save, strict_from_dict
 
 TRAIN_CONFIG_FILE = "train_config.json"
 POINTER_FILE = "checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
 # Options that change neither the numbers nor the data order: a resume may change them.
-RESUME_FREE = ("device", "compile", "wandb", "log_every", "eval_every", "eval_tokens", "checkpoint_every", "autocast")
+RESUME_FREE = ("device", "compile", "wandb", "log_every", "eval_every", "eval_tokens", "checkpoint_every", "autocast",
+               "prefetch")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     autocast: bool = True           # bf16 autocast on CUDA (ignored on CPU)
+    prefetch: int = 2               # CUDA: batches gathered ahead on a thread (0: off; see .prefetch)
     wandb: str = ""                 # wandb project; "" = off (wandb is imported only when set)
 
     def __post_init__(self) -> None:
@@ -359,8 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
     log_figs: dict = {}
     try:
         while step < cfg.steps:
-            for xs in epoch_batches(store, cfg, step, rank, world):
-                x_BD = torch.cat(xs, dim=1).to(device, non_blocking=True)
+            for x_BD in prefetched(epoch_batches(store, cfg, step, rank, world), device, cfg.prefetch):
                 _check_finite_batch(x_BD, mcfg, step, out, last_ckpt)
                 if step == 0 and start is None:  # b_dec starts at the (global) mean of the first batch
                     with torch.no_grad():

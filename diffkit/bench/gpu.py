@@ -80,7 +80,7 @@ def planted_store(work: Path, n_tokens: int) -> tuple[str, dict]:
 
 def train_row(store: str, work: Path, dict_size: int, steps: int, *, sparse: bool, autocast: bool,
               compile_: bool = False, lr: float = 1e-4, k: int = 32, log_every: int = 10,
-              device: str = "cuda") -> dict:
+              device: str = "cuda", prefetch: int = 2) -> dict:
     """One ``train()`` run: tokens/s after the warm-up logs, peak GPU memory, held-out FVE."""
     import torch
 
@@ -93,7 +93,8 @@ def train_row(store: str, work: Path, dict_size: int, steps: int, *, sparse: boo
     out = Path(tempfile.mkdtemp(dir=work))
     cfg = TrainConfig(acts=store, out=str(out), dict_size=dict_size, k=k, batch_size=BATCH, tokens=BATCH * steps,
                       lr=lr, log_every=log_every, checkpoint_every=0, eval_tokens=BATCH * 8, sparse=sparse,
-                      autocast=autocast, compile=compile_, device=device)
+                      autocast=autocast, compile=compile_, device=device,
+                      prefetch=prefetch)
     t0 = time.time()
     summary = train(cfg, progress=False, log=lambda _: None)
     wall = time.time() - t0
@@ -102,7 +103,8 @@ def train_row(store: str, work: Path, dict_size: int, steps: int, *, sparse: boo
     warm, last = logs[min(2, len(logs) - 2)], logs[-1]  # after compile / allocator warm-up
     tps = (last["tokens"] - warm["tokens"]) / (last["elapsed_s"] - warm["elapsed_s"])
     return {"dict_size": dict_size, "path": "sparse" if sparse else "dense",
-            "precision": "bf16 autocast" if autocast else "fp32", "compile": compile_, "steps": steps,
+            "precision": "bf16 autocast" if autocast else "fp32", "compile": compile_, "prefetch": prefetch,
+            "steps": steps,
             "tokens_per_s": tps, "flops_per_token": 12.0 * dict_size * 2 * D_MODEL,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0, "wall_s": wall, "heldout": summary["heldout"],
             "dead_frac": last["dead_frac"]}
@@ -136,7 +138,7 @@ def align_row(n: int, method: str, device: str, threads: int) -> dict:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else 0}
 
 
-def run_gpu_benchmark(out: Path, quick: bool = False, deadline_s: float = 480.0,
+def run_gpu_benchmark(out: Path, quick: bool = False, deadline_s: float = 480.0, align: bool = True,
                       log: Callable[[str], None] = print) -> dict:
     """Run every section; write ``out/gpu.json`` after each one and return the result."""
     import os
@@ -189,15 +191,17 @@ def run_gpu_benchmark(out: Path, quick: bool = False, deadline_s: float = 480.0,
         store, result["store"] = made
         result["store_seconds"] = time.time() - t
         steps = 30 if quick else 120
-        rows = [(L, sparse, ac, False) for L in sizes for sparse in (True, False) for ac in (True, False)]
-        rows.append((max(sizes), False, True, True))  # torch.compile on the dense bf16 path
-        for L, sparse, ac, comp in rows:
-            if comp and left() < 240:
+        rows = [(L, sparse, ac, False, 2) for L in sizes for sparse in (True, False) for ac in (True, False)]
+        rows += [(max(sizes), True, ac, False, 0) for ac in (True, False)]  # the same without prefetching
+        rows.append((max(sizes), False, True, True, 2))  # torch.compile on the dense bf16 path
+        for L, sparse, ac, comp, pre in rows:
+            if comp and left() < 200:
                 result["skipped"].append(f"compile row (L={L}): {left():.0f} s left")
                 continue
-            log(f"train L={L} {'sparse' if sparse else 'dense'} {'bf16' if ac else 'fp32'}{' compile' if comp else ''}")
+            log(f"train L={L} {'sparse' if sparse else 'dense'} {'bf16' if ac else 'fp32'} prefetch {pre}"
+                f"{' compile' if comp else ''}")
             row = attempt(f"train L={L}", lambda: train_row(store, work, L, steps, sparse=sparse, autocast=ac,
-                                                           compile_=comp))
+                                                           compile_=comp, prefetch=pre))
             if row:
                 result["train"].append(row)
                 log(f"  {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_gpu_bytes'] / 2**30:.1f} GiB")
@@ -210,7 +214,7 @@ def run_gpu_benchmark(out: Path, quick: bool = False, deadline_s: float = 480.0,
                 result["fve"].append(row)
                 log(f"  FVE {row['heldout'].get('fve_a', float('nan')):.3f} / "
                     f"{row['heldout'].get('fve_b', float('nan')):.3f} in {row['wall_s']:.0f} s")
-    ns = (4096,) if quick else (16384, 65536)
+    ns = () if not align else (4096,) if quick else (16384, 65536)
     cpus = os.cpu_count() or 1
     for n in ns:
         cases = [("sparse", "cuda"), ("sparse", "cpu")] + ([("dense", "cpu")] if n <= 16384 else [])
@@ -234,5 +238,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--deadline", type=float, default=480.0)
+    parser.add_argument("--no-align", action="store_true")
     args = parser.parse_args()
-    run_gpu_benchmark(args.out, args.quick, args.deadline)
+    run_gpu_benchmark(args.out, args.quick, args.deadline, align=not args.no_align)
