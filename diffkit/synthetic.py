@@ -3,8 +3,8 @@
 Each model's activation is a sparse sum of feature directions (the *generating dictionary*) plus
 a mean offset and optional noise::
 
-    x_a = Σ_i c_i d^A_i + μ_A (+ noise)          over A's features (shared and A-only)
-    x_b = s_B · Σ_j c_j d^B_j + μ_B (+ noise)    over B's features (shared and B-only)
+    x_a = Σ_i c_i d^A_i + μ_A (+ noise)              over A's features (shared and A-only)
+    x_b = s_B · Σ_j g_j c_j d^B_j + μ_B (+ noise)    over B's features (shared and B-only)
 
 A shared feature fires on the same tokens with the same coefficient in both models, and its
 direction in B is its direction in A carried through a known linear map ``M`` (a random rotation
@@ -13,6 +13,19 @@ rescaled by ``‖d^A M‖`` so that the shared part of ``x_b`` is exactly ``s_B 
 x_a) M``. Exclusive features are random directions that fire in one model only. Both
 dictionaries are stored in a random order, so recovering the pairing means undoing a known
 permutation.
+
+Changed strength: ``n_changed`` of the shared features have gain ``g_j = change_factor`` in B
+(``g_j = 1`` for every other feature): same direction, same tokens, a coefficient
+``change_factor`` times larger (``< 1``: weaker). Their rows are ``changed_a`` / ``changed_b``
+(paired, a subset of ``shared_a`` / ``shared_b``); for them the identity above holds with the
+factor, ``c_j d^B_j = change_factor · s_B · (c_i d^A_i) M``. The choice costs no random draw,
+so a config with ``n_changed = 0`` gives exactly the pair it gave before the option existed.
+
+Superposition: each model has more features than dimensions when ``n_features / d`` (the
+:attr:`PlantedConfig.superposition` ratios) exceeds 1; :func:`planted_config` builds a config
+from that ratio, the fraction of exclusive features and the fraction of changed ones.
+Frequencies are heavy-tailed: feature firing rates follow a Zipf law of exponent ``zipf`` over
+a random ranking.
 
 Use :func:`make_planted` for the tensors, :func:`write_planted_store` for an on-disk
 :class:`~diffkit.activations.ActivationStore` (the same format ``diffkit collect`` writes), and
@@ -53,6 +66,8 @@ class PlantedConfig:
     scale_b: float = 1.0      # B's activations are s_B times larger (models differ in norm)
     offset: float = 1.0       # norm of each model's random mean vector μ
     zipf: float = 0.5         # feature i of a model fires with probability ∝ (rank)^-zipf
+    n_changed: int = 0        # shared features whose coefficient in B is multiplied by change_factor
+    change_factor: float = 2.0
     heldout_every: int = 10   # every n-th sequence is held out, as in ``diffkit collect``
     seed: int = 0
 
@@ -67,6 +82,32 @@ class PlantedConfig:
             raise DiffkitError("each planted model needs at least one feature")
         if not 0 < self.k <= min(self.n_shared + self.n_a_only, self.n_shared + self.n_b_only):
             raise DiffkitError(f"planted k={self.k} must be in (0, number of features of each model]")
+        if not 0 <= self.n_changed <= self.n_shared:
+            raise DiffkitError(f"planted n_changed={self.n_changed} must be between 0 and n_shared={self.n_shared}")
+        if not (self.change_factor > 0 and math.isfinite(self.change_factor)):
+            raise DiffkitError(f"planted change_factor must be positive and finite, got {self.change_factor}")
+
+    @property
+    def superposition(self) -> tuple[float, float]:
+        """Features per dimension of A and of B (> 1: more features than dimensions)."""
+        return (self.n_shared + self.n_a_only) / self.d_a, (self.n_shared + self.n_b_only) / self.d_b
+
+
+def planted_config(d: int = 64, superposition: float = 4.0, frac_exclusive: float = 0.125,
+                   frac_changed: float = 0.0, **options) -> PlantedConfig:
+    """A config with ``round(superposition · d)`` features per model (both widths ``d``).
+
+    ``frac_exclusive`` of each model's features are its own (A-only, B-only), the rest shared;
+    ``frac_changed`` of the shared ones change strength in B. Other fields via ``options``.
+    """
+    n = round(superposition * d)
+    if n < 1 or not 0 <= frac_exclusive < 1 or not 0 <= frac_changed <= 1:
+        raise DiffkitError(f"planted superposition {superposition} × d {d} must give ≥ 1 feature, frac_exclusive "
+                           f"in [0, 1) and frac_changed in [0, 1]; got {frac_exclusive}, {frac_changed}")
+    n_excl = round(frac_exclusive * n)
+    n_shared = n - n_excl
+    return PlantedConfig(d_a=d, d_b=d, n_shared=n_shared, n_a_only=n_excl, n_b_only=n_excl,
+                         n_changed=round(frac_changed * n_shared), **options)
 
 
 @dataclass(frozen=True)
@@ -80,7 +121,10 @@ class PlantedPair:
     shared_b: np.ndarray    # (n_shared,) row of dict_b of the same feature
     a_only: np.ndarray      # rows of dict_a that B lacks
     b_only: np.ndarray      # rows of dict_b that A lacks
-    map_ab: np.ndarray      # (d_a, d_b): shared part of x_b = (shared part of x_a - μ_A) @ map_ab + μ_B
+    changed_a: np.ndarray   # (n_changed,) rows of dict_a of the shared features whose strength changes in B
+    changed_b: np.ndarray   # (n_changed,) their partners' rows in dict_b (coefficient × change_factor)
+    map_ab: np.ndarray      # (d_a, d_b): shared part of x_b = (shared part of x_a) @ map_ab (unchanged features;
+                            # a changed one carries change_factor too)
     codes_a: np.ndarray     # (n_tokens, n_a) float32 coefficients of A's features
     codes_b: np.ndarray     # (n_tokens, n_b) float32 coefficients of B's features (raw units of x_b)
     acts_a: np.ndarray      # (n_tokens, d_a) float32
@@ -145,8 +189,10 @@ def make_planted(cfg: PlantedConfig = PlantedConfig()) -> PlantedPair:
     b_only_codes = _codes(cfg.n_tokens, cfg.n_b_only, k_b_only, cfg.zipf, rng) if cfg.n_b_only else \
         np.zeros((cfg.n_tokens, 0), np.float32)
     codes_a = np.concatenate([shared_codes, a_only_codes], axis=1)
-    codes_b = cfg.scale_b * np.concatenate([shared_codes * carried_norm[None, :].astype(np.float32), b_only_codes],
-                                           axis=1)
+    gain = np.ones(cfg.n_shared, np.float32)
+    gain[:cfg.n_changed] = cfg.change_factor  # shared features are in random frequency order: no draw needed
+    codes_b = cfg.scale_b * np.concatenate([shared_codes * (gain * carried_norm)[None, :].astype(np.float32),
+                                            b_only_codes], axis=1)
 
     # Hide the answer: store both dictionaries in random order.
     perm_a, perm_b = rng.permutation(n_a), rng.permutation(n_b)  # new row r holds old feature perm[r]
@@ -167,6 +213,7 @@ def make_planted(cfg: PlantedConfig = PlantedConfig()) -> PlantedPair:
         config=cfg, dict_a=dict_a.astype(np.float32), dict_b=dict_b.astype(np.float32),
         shared_a=inv_a[:cfg.n_shared], shared_b=inv_b[:cfg.n_shared],
         a_only=np.sort(inv_a[cfg.n_shared:]), b_only=np.sort(inv_b[cfg.n_shared:]),
+        changed_a=inv_a[:cfg.n_changed], changed_b=inv_b[:cfg.n_changed],
         map_ab=(cfg.scale_b * m).astype(np.float32), codes_a=codes_a, codes_b=codes_b,
         acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
         mean_a=mean_a.astype(np.float32), mean_b=mean_b.astype(np.float32))

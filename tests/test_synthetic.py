@@ -71,3 +71,33 @@ def test_planted_saes_load_through_sae_lens(tmp_path):
     assert fvu < 0.4
     # Most of what the SAE says fires does fire in the planted codes.
     assert ((feats.numpy() > 0) & (pair.codes_a > 0)).sum() / (feats.numpy() > 0).sum() > 0.6
+
+
+def test_changed_strength_is_planted_exactly():
+    """Changed features: same tokens, same direction through the map, coefficient × change_factor in B; A untouched."""
+    from diffkit.synthetic import planted_config
+
+    cfg = PlantedConfig(d_a=24, d_b=40, n_shared=64, n_a_only=8, n_b_only=8, n_changed=10, change_factor=3.0,
+                        k=3, n_tokens=3000, scale_b=2.0, seed=5)
+    pair = make_planted(cfg)
+    base = make_planted(PlantedConfig(**{**cfg.__dict__, "n_changed": 0}))
+    assert len(pair.changed_a) == len(pair.changed_b) == 10
+    assert set(pair.changed_a) <= set(pair.shared_a) and (pair.match_a_to_b[pair.changed_a] == pair.changed_b).all()
+    np.testing.assert_array_equal(pair.acts_a, base.acts_a)  # A is the same model
+    np.testing.assert_array_equal(pair.dict_b, base.dict_b)  # same directions, same answer key
+    gain = np.ones(len(pair.dict_b))
+    gain[pair.changed_b] = 3.0
+    np.testing.assert_allclose(pair.codes_b, base.codes_b * gain[None, :].astype(np.float32), rtol=1e-6)
+    for ia, ib in zip(pair.shared_a, pair.shared_b):
+        expected = (3.0 if ia in set(pair.changed_a) else 1.0) * np.outer(pair.codes_a[:, ia], pair.dict_a[ia] @ pair.map_ab)
+        np.testing.assert_allclose(np.outer(pair.codes_b[:, ib], pair.dict_b[ib]), expected, atol=1e-4)
+    # The default (no changed features) gives exactly the pair the generator gave before the option existed.
+    np.testing.assert_array_equal(make_planted(PlantedConfig(n_tokens=500, change_factor=5.0)).acts_b,
+                                  make_planted(PlantedConfig(n_tokens=500)).acts_b)
+    # Superposition as a knob.
+    sup = planted_config(d=32, superposition=4.0, frac_exclusive=0.25, frac_changed=0.5, n_tokens=500)
+    assert sup.superposition == (4.0, 4.0) and (sup.n_shared, sup.n_a_only, sup.n_changed) == (96, 32, 48)
+    with pytest.raises(DiffkitError, match="n_changed"):
+        PlantedConfig(n_shared=4, n_changed=5)
+    with pytest.raises(DiffkitError, match="change_factor"):
+        PlantedConfig(change_factor=0.0)
