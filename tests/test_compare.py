@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from diffkit.activations import ActivationStore
 from diffkit.cli import main
-from diffkit.compare import CompareConfig, compare, load_comparison, precision_at_k
+from diffkit.agreement import precision_at_k
+from diffkit.compare import CompareConfig, compare, load_comparison
 from diffkit.diff import AlignConfig, align, save_diff
 from diffkit.errors import DiffkitError
 from diffkit.linear_map import LinearMap
