@@ -38,7 +38,7 @@ Conventions: row vectors, ``x_b ≈ x_a @ map_ab + const`` (``map_ab`` is d_a ×
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +121,6 @@ class PlantedPair:
     shared_b: np.ndarray    # (n_shared,) row of dict_b of the same feature
     a_only: np.ndarray      # rows of dict_a that B lacks
     b_only: np.ndarray      # rows of dict_b that A lacks
-    changed_a: np.ndarray   # (n_changed,) rows of dict_a of the shared features whose strength changes in B
-    changed_b: np.ndarray   # (n_changed,) their partners' rows in dict_b (coefficient × change_factor)
     map_ab: np.ndarray      # (d_a, d_b): shared part of x_b = (shared part of x_a) @ map_ab (unchanged features;
                             # a changed one carries change_factor too)
     codes_a: np.ndarray     # (n_tokens, n_a) float32 coefficients of A's features
@@ -131,6 +129,9 @@ class PlantedPair:
     acts_b: np.ndarray      # (n_tokens, d_b) float32
     mean_a: np.ndarray      # μ_A
     mean_b: np.ndarray      # μ_B
+    # Last and optional, so positional construction (as before changed strength existed) still works.
+    changed_a: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n_changed,) rows of dict_a
+    changed_b: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their partners in dict_b
 
     @property
     def match_a_to_b(self) -> np.ndarray:
