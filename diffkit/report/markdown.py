@@ -63,9 +63,10 @@ class Tables:
         self.names: list[str] = []
 
     def add(self, name: str, df: Any, fmt: dict[str, Callable[[Any], str]] | None = None,
-            columns: dict[str, str] | None = None) -> list[str]:
+            columns: dict[str, str] | None = None, cells: dict[str, list[str]] | None = None) -> list[str]:
         """Markdown lines of ``df`` (``fmt``: per-column cell formatters returning markdown; ``columns``:
-        display names), the CSV written beside, and a line naming both the CSV and the command."""
+        display names; ``cells``: ready markdown cells of a column, e.g. contexts, while the CSV keeps
+        the plain values), the CSV written beside, and a line naming both the CSV and the command."""
         from ..store_format import atomic_write_bytes
 
         if name in self.names:
@@ -77,9 +78,10 @@ class Tables:
         fmt = fmt or {}
         header = [(columns or {}).get(c, c) for c in df.columns]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in df.itertuples(index=False):
-            cells = [fmt[c](v) if c in fmt else _cell(v) for c, v in zip(df.columns, row)]
-            lines.append("| " + " | ".join(cells) + " |")
+        cells = cells or {}
+        for n, row in enumerate(df.itertuples(index=False)):
+            out = [cells[c][n] if c in cells else fmt[c](v) if c in fmt else _cell(v) for c, v in zip(df.columns, row)]
+            lines.append("| " + " | ".join(out) + " |")
         return lines + ["", f"<sub>Table `tables/{name}.csv` · regenerate: `{self.command}`</sub>", ""]
 
 

@@ -87,7 +87,7 @@ def top_features(run: Any, tables: Tables, n: int = 5) -> list[str]:
         t = run.align_table
         only = t[t.kind == f"{side}_only"].head(n)
         b = run.bridge[run.bridge.side == side].set_index("feature")
-        rows = []
+        rows, md_cells = [], []
         for _, r in only.iterrows():
             i = int(r[f"feature_{side}"])
             lat = int(b.latent.get(i, -1))
@@ -95,14 +95,15 @@ def top_features(run: Any, tables: Tables, n: int = 5) -> list[str]:
             rows.append({"feature": f"{SIDE[side]}#{i}", "freq": r[f"freq_{side}"], "mean act": r[f"mean_act_{side}"],
                          "best partner sim": r.similarity,
                          "crosscoder latent (r)": f"#{lat} ({b.cc_r[i]:.2f})" if lat >= 0 else "none",
-                         "top contexts": " · ".join(md_context(c) for c in ctx[:3]) or "(never fired)"})
+                         "top contexts": " · ".join(ctx[:3])})
+            md_cells.append(" · ".join(md_context(c) for c in ctx[:3]) or "(never fired)")
         model = run.summary["store"][f"model_{side}"]
         lines += [f"### Top {SIDE[side]}-only features ({escape(str(model))}, by activation mass)", ""]
         if not rows:
             lines += ["None at this threshold.", ""]
             continue
-        lines += tables.add(f"top_{side}_only", pd.DataFrame(rows),
-                            fmt={"top contexts": str, "freq": lambda v: f"{v:.4f}", "mean act": lambda v: f"{v:.4f}",
+        lines += tables.add(f"top_{side}_only", pd.DataFrame(rows), cells={"top contexts": md_cells},
+                            fmt={"freq": lambda v: f"{v:.4f}", "mean act": lambda v: f"{v:.4f}",
                                  "best partner sim": lambda v: fmt_num(v, 2)})
     return lines
 
@@ -156,7 +157,7 @@ def disagreements(run: Any, tables: Tables) -> list[str]:
     import pandas as pd
 
     s = run.summary
-    rows = []
+    rows, md_cells = [], []
     for side in ("a", "b"):
         b = run.bridge[run.bridge.side == side].set_index("feature")
         for who in ("align_only", "cc_only"):
@@ -167,16 +168,17 @@ def disagreements(run: Any, tables: Tables) -> list[str]:
                              "align verdict (sim)": f"{r.align_kind} ({fmt_num(1 - r.align_excl, 2)})",
                              "crosscoder latent (label, r)": f"#{int(r.latent)} ({r.cc_label}, {r.cc_r:.2f})",
                              "bridge cos": r.bridge_cos,
-                             "top contexts": " · ".join(md_context(c) for c in
-                                                       s["contexts"][side].get(str(i), [])[:3]) or "(never fired)"})
+                             "top contexts": " · ".join(s["contexts"][side].get(str(i), [])[:3])})
+                md_cells.append(" · ".join(md_context(c) for c in s["contexts"][side].get(str(i), [])[:3])
+                                or "(never fired)")
     intro = [f"Listed: up to {s['config']['top']} per side and method, among SAE features with a bridge partner; "
              "align-only flags whose latent the crosscoder calls most shared first, crosscoder-only flags whose "
              "latent is most exclusive first.", ""]
     if not rows:
         return intro + ["None: on every bridged feature the two methods agree on exclusivity (or neither flags any).",
                         ""]
-    return intro + tables.add("disagreements", pd.DataFrame(rows), fmt={"top contexts": str,
-                                                                        "bridge cos": lambda v: fmt_num(v, 2)})
+    return intro + tables.add("disagreements", pd.DataFrame(rows), cells={"top contexts": md_cells},
+                              fmt={"bridge cos": lambda v: fmt_num(v, 2)})
 
 
 def reconstruction(runs: list, tables: Tables) -> list[str]:
@@ -209,12 +211,12 @@ def cost(runs: list, tables: Tables) -> list[str]:
                          "wall s": st["seconds"], "FLOPs": st["flops"]})
         for method in ("align", "crosscoder"):
             t = c["total"][method]
-            rows.append({"run": run.label, "method": method, "stage": "**total**", "tokens": None,
+            rows.append({"run": run.label, "method": method, "stage": "total", "tokens": None,
                          "wall s": t["seconds"], "FLOPs": t["flops"]})
     df = pd.DataFrame(rows)
     return tables.add("cost", df, fmt={"wall s": lambda v: fmt_num(v, 1), "FLOPs": lambda v: human(v),
                                        "tokens": lambda v: "" if v is None or v != v else f"{int(v):,}",
-                                       "stage": str})
+                                       "stage": lambda v: "**total**" if v == "total" else v})
 
 
 def caveats(runs: list) -> list[str]:
@@ -303,11 +305,12 @@ def crosscoder_top(run: Any, tables: Tables) -> list[str]:
 
     lines = []
     for lab in ("A-only", "B-only"):
+        top = run.cc_top.get(lab, [])
         rows = [{"latent": f"#{t['latent']}", "freq": t["freq"], "r": t["rel_norm_r_b"],
-                 "top contexts": " · ".join(md_context(c["text"]) for c in t["contexts"][:3])}
-                for t in run.cc_top.get(lab, [])]
+                 "top contexts": " · ".join(c["text"] for c in t["contexts"][:3])} for t in top]
+        md_cells = [" · ".join(md_context(c["text"]) for c in t["contexts"][:3]) for t in top]
         if rows:
             lines += [f"Top {lab} latents of the crosscoder (by frequency):", ""]
             lines += tables.add(f"crosscoder_top_{lab[0].lower()}_only", pd.DataFrame(rows),
-                                fmt={"top contexts": str, "freq": lambda v: f"{v:.4f}"})
+                                cells={"top contexts": md_cells}, fmt={"freq": lambda v: f"{v:.4f}"})
     return lines
