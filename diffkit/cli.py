@@ -196,15 +196,23 @@ def zoo_build(names, out, saes_only):
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/demo"), show_default=True,
-              help="Where the report goes.")
+              help="Where the report goes (report.md, figures/, tables/).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Where the (large, uncommitted) intermediate artifacts go.")
 @click.option("--tokens", type=int, default=100_000, show_default=True, help="Tokens per activation store.")
-def demo(out, work, tokens):
-    """The embedded default, end to end, on the zoo: collect three pairs, diff each, write reports/demo/report.md."""
-    from .demo import run_demo
+@click.option("--cc-tokens", type=int, default=600_000, show_default=True, help="Training tokens per crosscoder.")
+@click.option("--dict-size", type=int, default=4096, show_default=True, help="Crosscoder latents.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, work, tokens, cc_tokens, dict_size, quiet):
+    """The embedded default, end to end, on the zoo (about 4 minutes on 2 cores).
 
-    run_demo(out, work, tokens, log=click.echo)
+    Three pairs (base vs finetuned, an SAE-seed control, a model-seed pair): collect, training-free
+    diff, crosscoder, head-to-head comparison; writes reports/demo/report.md + figures/ + tables/.
+    """
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(tokens=tokens, cc_tokens=cc_tokens, cc_dict_size=dict_size)
+    run_demo(out, work, cfg, log=click.echo, progress=not quiet, command=_command_line())
 
 
 @main.command("fit-map")
@@ -301,6 +309,100 @@ def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, r
     click.echo(f"{diff.summary['seconds']['total']:.1f} s; FeatureDiff written to {out}")
 
 
+def _command_line() -> str:
+    """The running command with the options that differ from their defaults (named in reports as the
+    command that regenerates them)."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    words = ["diffkit", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) in (
+                ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None) or value in (None, ()):
+            continue
+        for item in (value if param.multiple else [value]):
+            words += [param.opts[0]] if param.is_flag else [param.opts[0], str(item)]
+    return shlex.join(words)
+
+
+@main.command()
+@click.option("--align", "align_dir", type=click.Path(path_type=Path), required=True,
+              help="A FeatureDiff: the --out of `diffkit align`.")
+@click.option("--crosscoder", "cc_dir", type=click.Path(path_type=Path), required=True,
+              help="A trained crosscoder: the --out of `diffkit crosscoder train`.")
+@click.option("--acts", type=click.Path(path_type=Path), required=True, help="The store both were made from.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output directory: comparison.json, bridge table, crosscoder analysis, report.md, figures/, tables/.")
+@click.option("--split", type=click.Choice(["heldout", "train", "all"]), default="heldout", show_default=True,
+              help="Tokens for the crosscoder analysis and every FVE.")
+@click.option("--tokens", type=int, default=200_000, show_default=True, help="At most this many tokens of the split.")
+@click.option("--bridge-threshold", type=float, default=0.5, show_default=True,
+              help="Decoder cosine below which a crosscoder latent and an SAE feature are no match.")
+@click.option("--exclusive-r", type=float, default=0.1, show_default=True,
+              help="Crosscoder A-only: r <= this; B-only: r >= 1 - this (r = n_B / (n_A + n_B)).")
+@click.option("--top", type=int, default=8, show_default=True, help="Disagreements listed each way.")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(align_dir, cc_dir, acts, out, split, tokens, bridge_threshold, exclusive_r, top, threads, quiet):
+    """Head to head: the training-free diff against the crosscoder on the same store, and its report.
+
+    Matches the crosscoder's latents to each SAE's features (decoder cosine, one-to-one), scores how
+    the two agree on exclusive features, their reconstruction (one FVE formula) and cost (wall time,
+    FLOPs), and writes comparison.json + report.md + figures/ + tables/ to OUT.
+    """
+    from .compare import CompareConfig, compare as run_compare
+    from .report import load_run, write_report
+
+    cfg = CompareConfig(align=str(align_dir), crosscoder=str(cc_dir), acts=str(acts), out=str(out), split=split,
+                        tokens=tokens, bridge_threshold=bridge_threshold, exclusive_r=exclusive_r, top=top)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    comp = run_compare(cfg, progress=not quiet)
+    report = write_report(out, [load_run(out)], _command_line())
+    from .report.markdown import fmt_num as f, human
+
+    s = comp.summary
+    for side in ("a", "b"):
+        g = s["agreement"][side]
+        click.echo(f"SAE {side.upper()}: {g['bridged']:,}/{g['features']:,} features bridged (median cos "
+                   f"{f(g['bridge_cos_median'], 2)}); flags align {g['align_flags_bridged']:,}, crosscoder "
+                   f"{g['cc_flags_bridged']:,}, both {g['both']:,}; Spearman {f(g['spearman_excl'])}")
+    rec, cost = s["reconstruction"], s["cost"]["total"]
+    click.echo(f"FVE SAEs {f(rec['sae']['a']['fve'])} / {f(rec['sae']['b']['fve'])}, crosscoder "
+               f"{f(rec['crosscoder']['fve_a'])} / {f(rec['crosscoder']['fve_b'])} ({split} tokens)")
+    click.echo(f"cost align {f(cost['align']['seconds'], 1)} s, {human(cost['align']['flops'], 'FLOP')}; crosscoder "
+               f"{f(cost['crosscoder']['seconds'], 1)} s, {human(cost['crosscoder']['flops'], 'FLOP')}")
+    click.echo(f"comparison written to {out}; report: {report}")
+
+
+@main.command()
+@click.option("--compare", "compare_dir", type=click.Path(path_type=Path), required=True,
+              help="The main comparison: the --out of `diffkit compare`.")
+@click.option("--control", "controls", type=click.Path(path_type=Path), multiple=True,
+              help="A control comparison shown beside it (repeatable); one on an identical-model store is the "
+                   "SAE-seed noise floor.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory [default: --compare].")
+@click.option("--title", default="diffkit: head to head", show_default=True, help="Report title.")
+def report(compare_dir, controls, out, title):
+    """Write report.md + figures/*.png + tables/*.csv from comparison artifacts (no recomputation)."""
+    from .report import load_run, write_report
+
+    runs = [load_run(compare_dir)]
+    for path in controls:
+        run = load_run(path, role="control")
+        st = run.summary["store"]
+        if st["model_a"] == st["model_b"]:
+            run.role = "sae-seed"
+        runs.append(run)
+    path = write_report(out or compare_dir, runs, _command_line(), title=title)
+    click.echo(f"report written to {path}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks of diffkit's stages, each against a baseline measured in the same run."""
@@ -350,9 +452,54 @@ def bench_align(out, quick, threads, skip_65k):
     click.echo(f"report written to {out}")
 
 
+@bench.command("groundtruth")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/groundtruth"), show_default=True,
+              help="Report directory: report.md, figures/, tables/, config.json.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/groundtruth"), show_default=True,
+              help="Where the planted stores, SAEs and crosscoders go (~300 MB, uncommitted).")
+@click.option("--quick", is_flag=True, help="Small sizes and a short sweep (about a minute): a check that it runs.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the planted pairs and of SAE A (B: +1).")
+@click.option("--progress", is_flag=True, help="Show the training progress bars (stderr) besides a line per stage.")
+def bench_groundtruth(out, work, quick, threads, seed, progress):
+    """Both methods on planted pairs with a known answer: exclusive-feature AUROC and precision@k,
+    shared matching accuracy, changed strength, a seed-pair control's false-positive rate, and a
+    difficulty sweep (fraction exclusive, noise, superposition). About 3.5 minutes on 2 cores.
+    """
+    from .bench.groundtruth import GroundTruthConfig, run_groundtruth
+    from .bench.groundtruth_report import format_groundtruth_summary, write_groundtruth_report
+
+    cfg = (GroundTruthConfig.quick_config if quick else GroundTruthConfig)(threads=threads, seed=seed)
+    result = run_groundtruth(cfg, out, work, log=lambda m: click.echo(m, err=True), progress=progress)
+    path = write_groundtruth_report(result, out)
+    click.echo(format_groundtruth_summary(result))
+    click.echo(f"{result.seconds:.0f} s; report written to {path}")
+
+
+@bench.command("gpu")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/gpu.md"), show_default=True,
+              help="Markdown report; the figures go beside it as .json.")
+@click.option("--quick", is_flag=True, help="Small sizes: a check that every CUDA path runs.")
+@click.option("--deadline", type=float, default=480.0, show_default=True,
+              help="Seconds after which the optional rows (compile, the 65k CPU baseline) are skipped.")
+def bench_gpu(out, quick, deadline):
+    """The CUDA paths on this machine's GPU: crosscoder training (bf16 / fp32, sparse / dense,
+    prefetch, compile) and the assignment's GPU candidate search, against the card's own matmul
+    rate measured in the same run. About 4 minutes on an H200; needs CUDA."""
+    import tempfile
+
+    from .bench.gpu import run_gpu_benchmark, write_gpu_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_gpu_benchmark(Path(tmp), quick=quick, deadline_s=deadline, log=click.echo)
+    click.echo(f"report written to {write_gpu_report(result, out)}")
+
+
 from baselines.crosscoder.cli import bench_crosscoder, crosscoder  # noqa: E402  (crosscoder baseline)
 main.add_command(crosscoder)
 bench.add_command(bench_crosscoder)
+from diffkit.experiments.cli import experiment  # noqa: E402  (the toy experiment series)
+main.add_command(experiment)
 
 
 if __name__ == "__main__":
