@@ -10,8 +10,9 @@ Zoo part: residual activations at the zoo's SAE hook of ``zoo:base`` against ``z
 store's own held-out sequences score the maps). Per pair: the measures of
 :mod:`~diffkit.experiments.measures` on each corpus; the linear map fitted on one corpus and scored
 on the other; and the training-free diff (:func:`diffkit.diff.align`, the zoo SAEs, default
-threshold) on the code store. The crosscoder is not trained here (minutes per pair at this size;
-``diffkit demo`` and ``diffkit crosscoder`` cover it).
+threshold) on the code store, and a small BatchTopK crosscoder (:data:`CROSSCODER`) on the same
+store: its held-out FVE and how many latents its relative norm calls exclusive. ``diffkit demo``
+trains the full-size zoo crosscoder (4,096 latents, 600k tokens) and compares the two methods.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ZOO_PAIRS = ("base-seed1", "finetuned")
 CORPORA = ("prose", "code")
 DEEP = 4
 GEN = ("map fit 0–4, scored 0–4", "map fit 0–4, scored 5–9")
+# Small enough for seconds per pair on one thread (the store has ~22k training tokens: ~9 epochs).
+CROSSCODER = dict(dict_size=1024, k=16, batch_size=1024, lr=1e-3, tokens=200_000, checkpoint_every=0, log_every=50)
 
 
 def conditions() -> list[Condition]:
@@ -85,12 +88,25 @@ def zoo_part(cfg, log) -> dict:
             lmap = LinearMap().fit(stores["code"])
             diff = align(stores["code"], load_sae("zoo:base"), load_sae(f"zoo:{b}"), lmap, AlignConfig(n_contexts=0))
             c = diff.summary["counts"]
+            cc = _crosscoder(Path(tmp) / f"{b}-code", Path(tmp) / f"cc-{b}")
             diffs.append({"pair": f"base vs {b}", "store": "code", "shared": c["shared"], "a_only": c["a_only"],
                           "b_only": c["b_only"], "threshold": diff.config.threshold,
-                          "map_fve_ab": lmap.scores_["a_to_b"]["heldout_fve"]})
+                          "map_fve_ab": lmap.scores_["a_to_b"]["heldout_fve"], **cc})
             log(f"    zoo base vs {b}: linear R² A→B (code) {rows[-1]['lin_r2_ab']:.3f}, "
                 f"{c['shared']} shared SAE features ({time.perf_counter() - t:.1f} s)")
     return {"rows": rows, "gen": gen, "diffs": diffs}
+
+
+def _crosscoder(store: Path, out: Path) -> dict:
+    """Train :data:`CROSSCODER` on ``store``; held-out FVE and label counts of its analysis."""
+    from baselines.crosscoder.analysis import AnalyzeConfig, analyze
+    from baselines.crosscoder.train import TrainConfig, train
+
+    train(TrainConfig(acts=str(store), out=str(out), **CROSSCODER), progress=False, log=lambda _: None)
+    s = analyze(AnalyzeConfig(crosscoder=str(out), acts=str(store), out=str(out / "analysis")), progress=False)
+    n = s["counts"]
+    return {"cc_fve_a": s["fve_a"], "cc_fve_b": s["fve_b"], "cc_a_only": n.get("a_only", 0),
+            "cc_b_only": n.get("b_only", 0), "cc_shared": n.get("shared", 0), "cc_dead_frac": s["dead_frac"]}
 
 
 def _gen_r2(zoo: dict, pair: str, fit_on: str, score_on: str) -> float:
@@ -119,7 +135,9 @@ def judge_with(zoo: dict):
                    f" (gap {toy_gap:+.3f}). Zoo (code store, mean of both directions): base vs base-seed1 "
                    f"{seed_code:.3f}, base vs finetuned {ft_code:.3f}; prose-fitted map scored on code loses "
                    + ", ".join(f"{v:+.3f} ({p})" for p, v in zoo_gap.items()) + ". Training-free diff (code): "
-                   + ", ".join(f"{d['pair']} {d['shared']} shared / {d['a_only']} A-only" for d in zoo["diffs"]) + ".")
+                   + ", ".join(f"{d['pair']} {d['shared']} shared / {d['a_only']} A-only" for d in zoo["diffs"])
+                   + "; crosscoder A-only / B-only latents: "
+                   + ", ".join(f"{d['pair']} {d['cc_a_only']} / {d['cc_b_only']}" for d in zoo["diffs"]) + ".")
         return held, verdict, {"deep layers min R²": min(layers), "toy map gap": toy_gap,
                                "zoo seed R² (code)": seed_code, "zoo finetune R² (code)": ft_code}
     return judge
@@ -147,11 +165,17 @@ def extra_with(zoo: dict):
                   "|---|---|---|---|---|"]
         lines += [f"| {g['pair']} | {g['fit_on']} | {g['scored_on']} | {fmt(g['lin_r2_ab'])} | {fmt(g['lin_r2_ba'])} |"
                   for g in zoo["gen"]]
-        lines += ["", "**Training-free diff** (`diffkit align` defaults: lstsq map on the code store, cosine cost, "
-                  "threshold 0.5; the zoo SAEs have 1,024 features):", "",
-                  "| pair | shared | A-only | B-only | map FVE A→B |", "|---|---|---|---|---|"]
-        lines += [f"| {d['pair']} | {d['shared']} | {d['a_only']} | {d['b_only']} | {fmt(d['map_fve_ab'])} |"
-                  for d in zoo["diffs"]]
+        cc = CROSSCODER
+        lines += ["", "**Training-free diff and crosscoder on the code store.** `diffkit align` defaults (lstsq map, "
+                  "cosine cost, threshold 0.5; the zoo SAEs have 1,024 features) and a BatchTopK crosscoder of "
+                  f"{cc['dict_size']:,} latents, k = {cc['k']}, {cc['tokens']:,} training tokens (labels from its "
+                  "relative norm r = n_B/(n_A+n_B): A-only r ≤ 0.1, B-only r ≥ 0.9, shared 0.3–0.7; FVE on held-out "
+                  "tokens):", "",
+                  "| pair | align shared | align A-only | align B-only | map FVE A→B | crosscoder FVE A / B | "
+                  "crosscoder A-only / B-only / shared | crosscoder dead |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['pair']} | {d['shared']} | {d['a_only']} | {d['b_only']} | {fmt(d['map_fve_ab'])} | "
+                  f"{fmt(d['cc_fve_a'])} / {fmt(d['cc_fve_b'])} | {d['cc_a_only']} / {d['cc_b_only']} / "
+                  f"{d['cc_shared']} | {100 * d['cc_dead_frac']:.0f}% |" for d in zoo["diffs"]]
         return lines
     return extra
 
@@ -159,7 +183,7 @@ def extra_with(zoo: dict):
 def run(cfg, out, cache, log):
     zoo = None
     if not cfg.quick:
-        log("    zoo: collect activations, fit maps, align SAEs")
+        log("    zoo: collect activations, fit maps, align SAEs, train a small crosscoder")
         zoo = zoo_part(cfg, log)
     intro = [f"Toy: a seed pair of {DEEP}-hidden-layer MLP classifiers (64→128×{DEEP}→32) compared at every "
              "layer, and the map's generalization to classes it was not fitted on. Zoo: the embedded 2-layer "
