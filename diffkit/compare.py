@@ -260,7 +260,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
     from baselines.crosscoder.model import load as load_crosscoder
 
     from .activations import ActivationStore
-    from .diff import _decode_contexts, _store_tokenizer
+    from .diff import decode_contexts, store_tokenizer
     from .saes import check_against_store, load_sae
 
     if not Path(cfg.acts).exists():
@@ -318,8 +318,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
         recon = sae_pass(store, saes, cfg, progress)
         rows = top_rows(store, saes, {s: listed[s]["align_only"] + listed[s]["cc_only"] for s in SIDES},
                         cfg.n_contexts, cfg.batch_size)
-    tok = _store_tokenizer(store)
-    contexts = {s: {str(i): _decode_contexts(store, r, "all", tok) for i, r in rows[s].items()} for s in SIDES}
+    tok = store_tokenizer(store)
+    contexts = {s: {str(i): decode_contexts(store, r, "all", tok) for i, r in rows[s].items()} for s in SIDES}
     summary = {
         "kind": COMPARE_KIND, "format_version": COMPARE_FORMAT_VERSION, "config": asdict(cfg),
         "inputs": {"align": str(cfg.align), "crosscoder": str(cc_dir), "acts": str(cfg.acts),

@@ -261,7 +261,8 @@ def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndar
     return table
 
 
-def _decode_contexts(store: Any, rows: np.ndarray, split: str, tokenizer: Any, window: int = 12) -> list[str]:
+def decode_contexts(store: Any, rows: np.ndarray, split: str, tokenizer: Any, window: int = 12) -> list[str]:
+    """The text around each of ``rows`` (positions of ``split``; −1 = none), the position's token marked ``[[·]]``."""
     rows = rows[rows >= 0]
     if len(rows) == 0:
         return []
@@ -273,7 +274,8 @@ def _decode_contexts(store: Any, rows: np.ndarray, split: str, tokenizer: Any, w
     return out
 
 
-def _store_tokenizer(store: Any) -> Any:
+def store_tokenizer(store: Any) -> Any:
+    """The tokenizer that decodes the store's token ids: the zoo's byte tokenizer or model A's own."""
     from .tokenizer import ByteTokenizer
 
     spec = str(store.manifest["sources"]["a"].get("spec", ""))
@@ -334,10 +336,10 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                         "total": time.perf_counter() - t0})
     contexts = {}
     if cfg.n_contexts:
-        tok = _store_tokenizer(store)
+        tok = store_tokenizer(store)
         for side in ("a", "b"):
             for i in _top_features(table, side, 5):
-                contexts[(side, i)] = _decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
+                contexts[(side, i)] = decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
     return FeatureDiff(table, asg, summary, cfg, contexts)
 
 
