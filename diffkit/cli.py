@@ -265,8 +265,10 @@ def fit_map(acts, out, method, alpha, space, quiet):
 @click.option("--solver", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
               help="Exact dense assignment, or the sparse top-k candidate graph (auto: sparse above 4096² pairs).")
 @click.option("--k", type=int, default=32, show_default=True, help="Neighbours per feature in the sparse graph.")
-@click.option("--rank-by", type=click.Choice(["enc-norm-robust", "enc-norm", "freq", "mean-act", "corr"]),
-              default="enc-norm-robust", show_default=True, help="Score that ranks the shared pairs.")
+@click.option("--rank-by", type=click.Choice(["act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr"]),
+              default="act-mass", show_default=True,
+              help="Score that ranks the shared pairs (act-mass: centred log ratio of mean activation x decoder "
+                   "norm; it finds planted strength changes that the encoder-norm difference misses).")
 @click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
               help="Tokens of the store used for the activation statistics.")
 @click.option("--top", type=int, default=5, show_default=True, help="Features shown each way in the printed summary.")

@@ -26,15 +26,26 @@ freq_a, freq_b         fraction of the store's tokens on which the feature is > 
 mean_act_a, _b         mean activation over all tokens (activation mass per token)
 freq_log_ratio         log((freq_a + ε) / (freq_b + ε)), ε = 1 / n_tokens
 mean_act_log_ratio     log((mean_act_a + ε) / (mean_act_b + ε)), ε = 1e-3 · median mean_act of both SAEs
+act_mass_log_ratio     log((m_a + ε) / (m_b + ε)) − its median over the shared pairs, m = mean_act · ‖W_dec
+                       row‖ (the feature's mean contribution to the activation, in that model's
+                       units; ε = 1e-3 · median m of both SAEs). Centred: a scale shared by every pair
+                       (the two SAEs' or models' overall norms) is not a feature difference
 pair_corr              Pearson correlation over tokens of the two features' activations
 score                  the ``rank_by`` difference score (higher = more different); unmatched rows:
                        their activation mass (mean_act)
 rank                   1 = most different, within each kind
 =====================  ===========================================================================
 
-Rank-by methods (:data:`RANKINGS`): ``enc-norm`` |enc_norm_diff|; ``enc-norm-robust``
-|enc_norm_diff_robust| (default); ``freq`` |freq_log_ratio|; ``mean-act`` |mean_act_log_ratio|;
-``corr`` 1 − pair_corr.
+Rank-by methods (:data:`RANKINGS`): ``act-mass`` |act_mass_log_ratio| (default); ``enc-norm``
+|enc_norm_diff|; ``enc-norm-robust`` |enc_norm_diff_robust|; ``freq`` |freq_log_ratio|;
+``mean-act`` |mean_act_log_ratio|; ``corr`` 1 − pair_corr.
+
+Why ``act-mass`` is the default: on planted ground truth with real sae-lens TopK SAEs (``diffkit
+bench groundtruth``), shared features whose strength was changed in B are found by the centred
+activation ratio with AUROC 1.0, and by the encoder-norm difference — the original method's
+score — with AUROC 0.48, i.e. not at all: a TopK SAE need not put a feature's strength into its
+encoder norm. The decoder norm enters because an SAE may trade a feature's activation scale
+against its decoder norm (sae-lens TopK SAEs keep decoder rows at norm 1; others need not).
 
 Default threshold (:data:`DEFAULT_THRESHOLD` = 0.5), chosen on the seed-pair control. Run:
 zoo:base vs zoo:base-seed1 (same data and recipe, another seed), their zoo SAEs (1024 latents,
@@ -85,7 +96,7 @@ from .metrics import log_ratio, robust_scale
 DIFF_KIND = "diffkit.FeatureDiff"
 DIFF_FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.5
-RANKINGS = ("enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
+RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
 COSTS = ("cosine", "corr", "blend")
 SPLITS = ("all", "train", "heldout")
 
@@ -99,7 +110,7 @@ class AlignConfig:
     blend: float = 0.5
     solver: str = "auto"
     k: int = 32
-    rank_by: str = "enc-norm-robust"
+    rank_by: str = "act-mass"
     split: str = "all"
     batch_size: int = 4096
     n_contexts: int = 3
@@ -139,6 +150,10 @@ class FeatureDiff:
     summary: dict
     config: AlignConfig
     contexts: dict  # ("a"|"b", feature) -> list of (text, marked token offset)
+
+
+def decoder_norms(sae: Any) -> np.ndarray:
+    return sae.W_dec.norm(dim=1).double().numpy()
 
 
 def effective_encoder_norms(sae: Any) -> np.ndarray:
@@ -216,7 +231,7 @@ def correlation(cross_sum: np.ndarray, a: FeatureStats, b: FeatureStats, ia: Any
 
 
 def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndarray, enc_a: np.ndarray,
-           enc_b: np.ndarray, rank_by: str) -> Any:
+           enc_b: np.ndarray, dec_a: np.ndarray, dec_b: np.ndarray, rank_by: str) -> Any:
     import pandas as pd
 
     sa, sb = stats["a"], stats["b"]
@@ -234,8 +249,12 @@ def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndar
     shared["mean_act_a"], shared["mean_act_b"] = sa.mean_act[ia], sb.mean_act[ib]
     shared["freq_log_ratio"] = log_ratio(shared.freq_a, shared.freq_b, eps_f)
     shared["mean_act_log_ratio"] = log_ratio(shared.mean_act_a, shared.mean_act_b, eps_m)
+    mass_a, mass_b = sa.mean_act * dec_a, sb.mean_act * dec_b
+    eps_mass = 1e-3 * max(float(np.median(np.concatenate([mass_a, mass_b]))), 1e-12)
+    mass_ratio = np.asarray(log_ratio(mass_a[ia], mass_b[ib], eps_mass), dtype=np.float64)
+    shared["act_mass_log_ratio"] = mass_ratio - (np.median(mass_ratio) if len(mass_ratio) else 0.0)
     shared["pair_corr"] = pair_corr[matched]
-    shared["score"] = {"enc-norm": shared.enc_norm_diff.abs(), "enc-norm-robust": shared.enc_norm_diff_robust.abs(),
+    shared["score"] = {"act-mass": shared.act_mass_log_ratio.abs(), "enc-norm": shared.enc_norm_diff.abs(), "enc-norm-robust": shared.enc_norm_diff_robust.abs(),
                        "freq": shared.freq_log_ratio.abs(), "mean-act": shared.mean_act_log_ratio.abs(),
                        "corr": 1.0 - shared.pair_corr}[rank_by]
     partner_a = {int(a): (int(b), float(s), float(c)) for a, b, s, c in
@@ -329,7 +348,7 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
         pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
     cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
     table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
-                   cfg.rank_by)
+                   decoder_norms(sae_a), decoder_norms(sae_b), cfg.rank_by)
     summary = _summary(asg, lmap, stats, cfg, notes, table, pair_corr,
                        {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
                         "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
@@ -381,8 +400,8 @@ def _summary(asg: Assignment, lmap: Any, stats: dict, cfg: AlignConfig, notes: l
                                                                          if k != "heldout_fve_per_dim"}
                                                                      for d, s in lmap.scores_.items()}},
         "score_medians_shared": {c: float(shared[c].abs().median()) if len(shared) else float("nan")
-                                 for c in ("enc_norm_diff", "enc_norm_diff_robust", "freq_log_ratio",
-                                           "mean_act_log_ratio")},
+                                 for c in ("act_mass_log_ratio", "enc_norm_diff", "enc_norm_diff_robust",
+                                           "freq_log_ratio", "mean_act_log_ratio")},
         "pair_corr_median_shared": float(np.median(pair_corr[asg.matched])) if asg.matched.any() else float("nan"),
         "tokens": stats["a"].n, "split": cfg.split, "rank_by": cfg.rank_by, "notes": notes, "seconds": seconds,
         "dead": {"a": int((stats["a"].freq == 0).sum()), "b": int((stats["b"].freq == 0).sum())},
