@@ -12,7 +12,7 @@ align_kind          ``shared`` / ``a_only`` / ``b_only`` (the FeatureDiff's verd
 align_flag          the feature is exclusive to its side per the FeatureDiff (``s_only``)
 align_excl          1 − similarity of the pair the assignment made (1 when it got no partner):
                     the training-free method's exclusivity score
-enc_norm_diff_robust  the FeatureDiff's signed strength difference of a shared pair (NaN otherwise)
+act_mass_log_ratio    the FeatureDiff's signed strength difference of a shared pair, log(A/B) centred (NaN otherwise)
 latent              crosscoder latent matched to the feature (−1: none at ``bridge_threshold``)
 bridge_cos          cos(W_dec_cc[latent, s-block], W_dec_SAE_s[feature]) of the assigned pair
 cc_r                the latent's relative decoder norm r = n_B / (n_A + n_B)
@@ -26,7 +26,7 @@ precision of the FeatureDiff's flags against the crosscoder's (``|both| / |align
 (``|both| / |crosscoder flags|``) — the crosscoder's precision and recall against the FeatureDiff are
 the same two numbers swapped; Spearman ρ of ``align_excl`` and ``cc_excl``; precision@k = overlap of
 the top-k by each score over k. Over shared pairs (i, j) whose two features map to the *same*
-latent ("consistent" pairs), Spearman ρ of ``enc_norm_diff_robust`` with (n_A − n_B)/(n_A + n_B).
+latent ("consistent" pairs), Spearman ρ of ``act_mass_log_ratio`` with (n_A − n_B)/(n_A + n_B).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def bridge_table(align_table: Any, latents: Any, latent_by_side: dict, cos_by_si
             "side": side, "feature": np.arange(n), "align_kind": rows["kind"].to_numpy(),
             "align_flag": rows["kind"].to_numpy() == f"{side}_only",
             "align_excl": np.where(np.isfinite(sim), 1.0 - sim, 1.0),
-            "enc_norm_diff_robust": rows["enc_norm_diff_robust"].to_numpy(dtype=np.float64),
+            "act_mass_log_ratio": (rows["act_mass_log_ratio"].to_numpy(dtype=np.float64)  # absent in older tables
+                                   if "act_mass_log_ratio" in rows else np.full(n, np.nan)),
             "partner": rows["feature_b" if side == "a" else "feature_a"].to_numpy(),
             "latent": lat, "bridge_cos": cos_by_side[side], "cc_r": cc_r,
             "cc_label": np.where(has, labels[np.maximum(lat, 0)], ""),
@@ -141,5 +142,5 @@ def agreement(bridge: Any, align_table: Any) -> tuple[dict, Any]:
     out["pairs"] = {"shared": int(len(shared)), "both_bridged": int(((la >= 0) & (lb >= 0)).sum()),
                     "consistent": int(consistent.sum()),
                     "consistent_frac": _ratio(int(consistent.sum()), len(shared)),
-                    "spearman_strength": _spearman(cons.enc_norm_diff_robust, 1.0 - 2.0 * r)}
+                    "spearman_strength": _spearman(cons.act_mass_log_ratio, 1.0 - 2.0 * r)}
     return out, pd.concat(curves, ignore_index=True)

@@ -54,7 +54,7 @@ FORMULAS = {
     "spearman_excl": "Spearman rank correlation of align_excl and cc_excl over features with a bridge partner",
     "precision_at_k": "|top-k by align_excl ∩ top-k by cc_excl| / k; chance = k / n",
     "consistent": "align-shared pair (i, j) whose features are bridged to the same crosscoder latent",
-    "spearman_strength": "Spearman rank correlation of enc_norm_diff_robust and (n_A - n_B) / (n_A + n_B) over "
+    "spearman_strength": "Spearman rank correlation of act_mass_log_ratio and (n_A - n_B) / (n_A + n_B) over "
                          "consistent pairs",
 }
 

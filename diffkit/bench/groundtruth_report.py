@@ -73,7 +73,9 @@ def main_rows(case: CaseResult, control: CaseResult) -> list[tuple[str, Any, Any
     row("shared: matching precision", lambda m: s.matching[m]["precision"])
     row("changed strength: AUROC (align |mean_act_log_ratio − median|, crosscoder |r − median r|)",
         lambda m: s.changed[m]["|mean_act_log_ratio - median|" if m == "align" else "|r - median r|"])
-    row("changed strength: AUROC of align's default ranking |enc_norm_diff_robust|",
+    row("changed strength: AUROC of align's default ranking |act_mass_log_ratio|",
+        lambda m: s.changed[m].get("|act_mass_log_ratio|", float("nan")))
+    row("changed strength: AUROC of the original method's |enc_norm_diff_robust|",
         lambda m: s.changed[m].get("|enc_norm_diff_robust|", float("nan")))
     row("seed-pair control: FPR, live latents", lambda m: c.fpr[m]["live"])
     row("seed-pair control: FPR, recovered latents", lambda m: c.fpr[m]["recovered"])
@@ -220,7 +222,8 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              "calls shared with both sides recovered, the fraction on one planted feature.",
              "- **Changed strength**: over correctly matched shared features, AUROC of planted-changed vs unchanged for "
              "align's `|mean_act_log_ratio − median|` (`log((mean_act_a + ε)/(mean_act_b + ε))`, see "
-             "`diffkit.diff`) and its default ranking `|enc_norm_diff_robust|`, and for the crosscoder's "
+             "`diffkit.diff`), its default ranking `|act_mass_log_ratio|` and the original method's "
+             "`|enc_norm_diff_robust|`, and for the crosscoder's "
              "`|r − median r|` (medians over the same items).",
              "- **Seed-pair control FPR**: a pair with identical feature sets (no exclusive or changed features; B "
              f"rotated), SAE seeds {cfg.seed} and {cfg.seed + 1}: the fraction of live latents (fired on the store) "

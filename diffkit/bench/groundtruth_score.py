@@ -23,8 +23,9 @@ Formulas (stated once here; the report repeats them):
   crosscoder latent recovers both sides and is not labelled A-only or B-only. Precision: of the
   pairs a method calls shared whose two sides are both recovered, the fraction on one planted feature.
 - **Changed strength.** Over the correct shared items: AUROC of planted-changed vs unchanged for
-  align's ``|mean_act_log_ratio − median|`` (and ``|enc_norm_diff_robust|``, the default
-  ranking) and the crosscoder's ``|r − median r|`` (medians over the same items).
+  align's ``|mean_act_log_ratio − median|``, its default ranking ``|act_mass_log_ratio|`` (the same
+  ratio weighted by decoder norms, centred over all shared pairs) and the original method's
+  ``|enc_norm_diff_robust|``, and the crosscoder's ``|r − median r|`` (medians over the same items).
 - **False positives** (the seed-pair control has no exclusive features): the fraction of live
   latents (fired at least once on the store) each method calls exclusive at its default rule
   (align: unmatched at similarity threshold 0.5; crosscoder: r ≤ 0.1 or r ≥ 0.9).
@@ -158,6 +159,7 @@ def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, thre
     is_changed = np.isin(rec_a[good.feature_a.to_numpy()], pair.changed_a)
     lr = good.mean_act_log_ratio.to_numpy()
     changed = _changed({"|mean_act_log_ratio - median|": np.abs(lr - np.median(lr)) if len(lr) else lr,
+                        "|act_mass_log_ratio|": np.abs(good.act_mass_log_ratio.to_numpy()),
                         "|enc_norm_diff_robust|": np.abs(good.enc_norm_diff_robust.to_numpy())}, is_changed, lr)
     # False positives: live latents called exclusive.
     live_a, live_b = _live(table, "a", asg.n_a), _live(table, "b", asg.n_b)

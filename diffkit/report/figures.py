@@ -125,11 +125,11 @@ def scatter(run: Any, path: Path, command: str) -> Path:
     la, lb = a.latent.reindex(shared.feature_a).to_numpy(), bb.latent.reindex(shared.feature_b).to_numpy()
     keep = (la >= 0) & (la == lb)
     r = a.cc_r.reindex(shared.feature_a).to_numpy()[keep]
-    ax.scatter(shared.enc_norm_diff_robust.to_numpy()[keep], 1 - 2 * r, s=6, alpha=0.5, color=COLORS[2])
+    ax.scatter(shared.act_mass_log_ratio.to_numpy()[keep], 1 - 2 * r, s=6, alpha=0.5, color=COLORS[2])
     ax.axhline(0, color="0.4", linewidth=0.8)
     ax.axvline(0, color="0.4", linewidth=0.8)
     rho = run.summary["agreement"]["pairs"]["spearman_strength"]
-    ax.set(xlabel="align: robust encoder-norm difference (A − B)",
+    ax.set(xlabel="align: activation-mass log ratio log(A / B), centred",
            ylabel="crosscoder: 1 − 2r  (A-leaning > 0)",
            title=f"Shared pairs on one latent ({int(keep.sum()):,}), Spearman ρ = {_f(rho)}")
     fig.suptitle(f"{run.label}: the same features scored by both methods", fontsize=10)

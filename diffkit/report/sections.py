@@ -281,6 +281,8 @@ def definitions(runs: list) -> list[str]:
         "- **similarity** (training-free diff): cosine of A's SAE decoder direction carried through the linear part of "
         f"the A→B map with its assigned B direction; assignment one-to-one (Hungarian); pairs below "
         f"{s['align']['threshold']:g} are unmatched (A-only / B-only).",
+        "- **activation-mass log ratio** (the strength difference of a shared pair; align's default ranking): "
+        "log((m_A + ε) / (m_B + ε)) minus its median over the shared pairs, m = mean activation × decoder-row norm.",
         "- **robust encoder-norm difference**: ‖e_A‖ / median_A − ‖e_B‖ / median_B of a shared pair's effective encoder "
         "norms, each SAE over its own median.",
         "- **relative norm** r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖) of a crosscoder latent's two decoder blocks; labels: "
