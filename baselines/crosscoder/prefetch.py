@@ -41,21 +41,24 @@ def prefetched(batches: Iterable, device: torch.device, depth: int = 2,
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Queue ``item`` unless the consumer has left (then a blocking put would wait forever)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for xs in batches:
-                item = _concat(xs, pin)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(_concat(xs, pin)):
                     return
-            ready.put(_DONE)
+            offer(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
-            ready.put(exc)
+            offer(exc)
 
     worker = threading.Thread(target=work, name="crosscoder-prefetch", daemon=True)
     worker.start()
