@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -160,78 +161,255 @@ def _orthonormal_map(d_a: int, d_b: int, rng: np.random.Generator) -> np.ndarray
     return q.T if d_a <= d_b else q
 
 
-def _codes(n_tokens: int, n_features: int, k: float, zipf: float, rng: np.random.Generator) -> np.ndarray:
-    """Sparse nonnegative coefficients; feature firing rates follow a Zipf-like law summing to k."""
+def _advanced(state: dict, draws: int) -> dict:
+    """The PCG64 ``state`` after ``draws`` 64-bit outputs, keeping its buffered 32-bit half as it was.
+
+    ``Generator.random`` and ``Generator.uniform`` take exactly one 64-bit output per float64, so a
+    row range of a (tokens, features) draw starts ``row · features`` outputs in. The buffered half
+    (left by a bounded-integer draw such as ``permutation``) is untouched by 64-bit draws, so it
+    must survive the jump (``advance`` alone clears it).
+    """
+    bg = np.random.PCG64()
+    bg.state = state
+    bg.advance(draws)
+    out = bg.state
+    out["has_uint32"], out["uinteger"] = state["has_uint32"], state["uinteger"]
+    return out
+
+
+def _generator(state: dict) -> np.random.Generator:
+    gen = np.random.Generator(np.random.PCG64())
+    gen.bit_generator.state = state
+    return gen
+
+
+@dataclass(frozen=True)
+class _CodeBlock:
+    """One block of features' codes (shared, A-only or B-only): rates, and where its two draws start."""
+
+    n_features: int
+    rates: np.ndarray
+    fires_state: dict   # state before the (n_tokens, n_features) uniform draw that decides firing
+    n_tokens: int
+
+    def rows(self, t0: int, t1: int) -> np.ndarray:
+        """Codes of tokens [t0, t1): the same numbers as rows t0:t1 of one (n_tokens, n_features) draw."""
+        f = self.n_features
+        if f == 0:
+            return np.zeros((t1 - t0, 0), np.float32)
+        fires = _generator(_advanced(self.fires_state, t0 * f)).random((t1 - t0, f)) < self.rates
+        magnitude = _generator(_advanced(self.fires_state, (self.n_tokens + t0) * f)).uniform(0.5, 1.5, size=(t1 - t0, f))
+        return np.where(fires, magnitude, 0.0).astype(np.float32)
+
+    def sparse_rows(self, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzeros of :meth:`rows` as (row, column, value), row-major: the same numbers, no dense copy."""
+        f = self.n_features
+        if f == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        row, col = np.nonzero(_generator(_advanced(self.fires_state, t0 * f)).random((t1 - t0, f)) < self.rates)
+        magnitude = _generator(_advanced(self.fires_state, (self.n_tokens + t0) * f)).uniform(0.5, 1.5, size=(t1 - t0, f))
+        return row, col, magnitude[row, col].astype(np.float32)
+
+
+def _code_block(n_tokens: int, n_features: int, k: float, zipf: float, rng: np.random.Generator) -> _CodeBlock:
+    """Sparse nonnegative coefficients; feature firing rates follow a Zipf-like law summing to k.
+
+    Draws the rates from ``rng`` and moves ``rng`` past the code matrices (2 · n_tokens · n_features
+    outputs) without drawing them: :meth:`_CodeBlock.rows` draws any row range on demand.
+    """
     rates = (1.0 + rng.permutation(n_features)) ** -zipf
     rates = np.minimum(1.0, rates * k / rates.sum())
-    fires = rng.random((n_tokens, n_features)) < rates
-    magnitude = rng.uniform(0.5, 1.5, size=(n_tokens, n_features))
-    return np.where(fires, magnitude, 0.0).astype(np.float32)
+    state = rng.bit_generator.state
+    rng.bit_generator.state = _advanced(state, 2 * n_tokens * n_features)
+    return _CodeBlock(n_features, rates, state, n_tokens)
+
+
+class PlantedStream:
+    """A planted pair whose per-token arrays are drawn on demand, a range of tokens at a time.
+
+    Everything but the tokens (dictionaries, answer key, map, means) is drawn at construction,
+    exactly as :func:`make_planted` draws it; :meth:`chunk` and :meth:`chunks` give the codes and
+    activations of any token range, equal to the same rows of :func:`make_planted`'s arrays (codes
+    bit for bit; activations to float32 rounding when ``sparse``, since a sparse product sums in
+    another order). Memory is O(chunk × features), so 65,536-feature pairs stream where the dense
+    (tokens × features) codes would not fit. Attributes are :class:`PlantedPair`'s minus the
+    per-token arrays.
+    """
+
+    def __init__(self, cfg: PlantedConfig = PlantedConfig()):
+        rng = np.random.default_rng(cfg.seed)
+        self.config = cfg
+        n_a, n_b = cfg.n_shared + cfg.n_a_only, cfg.n_shared + cfg.n_b_only
+        m = _orthonormal_map(cfg.d_a, cfg.d_b, rng)
+        shared_dirs_a = _unit_rows(rng.standard_normal((cfg.n_shared, cfg.d_a)))
+        carried = shared_dirs_a @ m                              # (n_shared, d_b)
+        carried_norm = np.linalg.norm(carried, axis=1)
+        dirs_a = np.concatenate([shared_dirs_a, _unit_rows(rng.standard_normal((cfg.n_a_only, cfg.d_a)))])
+        del shared_dirs_a
+        dirs_b = np.concatenate([carried / carried_norm[:, None],
+                                 _unit_rows(rng.standard_normal((cfg.n_b_only, cfg.d_b)))])
+        del carried
+        # Shared features fire together: one code block, A's copy and B's (rescaled) copy.
+        k_shared = cfg.k * cfg.n_shared / n_a
+        self._shared = _code_block(cfg.n_tokens, cfg.n_shared, k_shared, cfg.zipf, rng)
+        self._a_only = _code_block(cfg.n_tokens, cfg.n_a_only, cfg.k - k_shared, cfg.zipf, rng) if cfg.n_a_only \
+            else _CodeBlock(0, np.zeros(0), {}, cfg.n_tokens)
+        k_b_only = cfg.k * cfg.n_b_only / n_b
+        self._b_only = _code_block(cfg.n_tokens, cfg.n_b_only, k_b_only, cfg.zipf, rng) if cfg.n_b_only \
+            else _CodeBlock(0, np.zeros(0), {}, cfg.n_tokens)
+        gain = np.ones(cfg.n_shared, np.float32)
+        gain[:cfg.n_changed] = cfg.change_factor  # shared features are in random frequency order: no draw needed
+        self._shared_gain_b = (gain * carried_norm)[None, :].astype(np.float32)
+        # Hide the answer: store both dictionaries in random order.
+        self._perm_a, self._perm_b = rng.permutation(n_a), rng.permutation(n_b)  # new row r holds old feature perm[r]
+        inv_a, inv_b = np.argsort(self._perm_a), np.argsort(self._perm_b)     # old feature f sits at new row inv[f]
+        self._dict_a64, self._dict_b64 = dirs_a[self._perm_a], dirs_b[self._perm_b]
+        del dirs_a, dirs_b
+        mean_a = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_a)))[0]
+        mean_b = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_b)))[0]
+        self._noise_state = rng.bit_generator.state
+        self.dict_a, self.dict_b = self._dict_a64.astype(np.float32), self._dict_b64.astype(np.float32)
+        self.shared_a, self.shared_b = inv_a[:cfg.n_shared], inv_b[:cfg.n_shared]
+        self.a_only, self.b_only = np.sort(inv_a[cfg.n_shared:]), np.sort(inv_b[cfg.n_shared:])
+        self.changed_a, self.changed_b = inv_a[:cfg.n_changed], inv_b[:cfg.n_changed]
+        self.map_ab = (cfg.scale_b * m).astype(np.float32)
+        self._mean_a64, self._mean_b64 = mean_a, mean_b
+        self.mean_a, self.mean_b = mean_a.astype(np.float32), mean_b.astype(np.float32)
+
+    match_a_to_b = PlantedPair.match_a_to_b
+    match_b_to_a = PlantedPair.match_b_to_a
+
+    def codes(self, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes_a, codes_b) of tokens [t0, t1), float32, rows of :func:`make_planted`'s arrays."""
+        cfg = self.config
+        if not 0 <= t0 <= t1 <= cfg.n_tokens:
+            raise DiffkitError(f"token range [{t0}, {t1}) is outside the planted pair's {cfg.n_tokens} tokens")
+        shared = self._shared.rows(t0, t1)
+        codes_a = np.concatenate([shared, self._a_only.rows(t0, t1)], axis=1)[:, self._perm_a]
+        codes_b = cfg.scale_b * np.concatenate([shared * self._shared_gain_b, self._b_only.rows(t0, t1)], axis=1)
+        return codes_a, codes_b[:, self._perm_b].astype(np.float32)
+
+    def sparse_codes(self, t0: int, t1: int) -> tuple[Any, Any]:
+        """(codes_a, codes_b) of tokens [t0, t1) as scipy CSR matrices: :meth:`codes` without the dense arrays."""
+        from scipy.sparse import csr_matrix
+
+        cfg = self.config
+        n = t1 - t0
+        inv_a, inv_b = np.argsort(self._perm_a), np.argsort(self._perm_b)
+        r_s, c_s, v_s = self._shared.sparse_rows(t0, t1)
+        r_a, c_a, v_a = self._a_only.sparse_rows(t0, t1)
+        r_b, c_b, v_b = self._b_only.sparse_rows(t0, t1)
+        n_a, n_b = len(self._perm_a), len(self._perm_b)
+        codes_a = csr_matrix((np.concatenate([v_s, v_a]), (np.concatenate([r_s, r_a]),
+                                                           inv_a[np.concatenate([c_s, cfg.n_shared + c_a])])),
+                             shape=(n, n_a))
+        vb_shared = np.float32(cfg.scale_b) * (v_s * self._shared_gain_b[0, c_s])
+        vb_only = (np.float32(cfg.scale_b) * v_b).astype(np.float32)
+        codes_b = csr_matrix((np.concatenate([vb_shared, vb_only]), (np.concatenate([r_s, r_b]),
+                                                                     inv_b[np.concatenate([c_s, cfg.n_shared + c_b])])),
+                             shape=(n, n_b))
+        return codes_a, codes_b
+
+    def _noise_generators(self) -> tuple[np.random.Generator, np.random.Generator]:
+        """Generators at the start of A's and of B's noise; B's starts after all of A's (variable-length draws)."""
+        cfg = self.config
+        gen_a, skip = _generator(self._noise_state), _generator(self._noise_state)
+        step = max(1, (1 << 24) // cfg.d_a)
+        for t in range(0, cfg.n_tokens, step):  # bounded memory: draw A's noise again, block by block, to skip it
+            skip.standard_normal((min(step, cfg.n_tokens - t), cfg.d_a))
+        return gen_a, skip
+
+    def chunks(self, chunk_tokens: int, sparse: bool = True, with_codes: bool = False) -> Iterator["PlantedChunk"]:
+        """Consecutive chunks of ``chunk_tokens`` tokens (the last may be shorter), in token order."""
+        cfg = self.config
+        if chunk_tokens <= 0:
+            raise DiffkitError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        noise_a = noise_b = None
+        if cfg.noise > 0:
+            noise_a, noise_b = self._noise_generators()
+        feature_norm = math.sqrt(cfg.k * 1.0833)  # E‖Σ c_i d_i‖ for k unit directions, c ~ U(0.5, 1.5)
+        for t0 in range(0, cfg.n_tokens, chunk_tokens):
+            t1 = min(cfg.n_tokens, t0 + chunk_tokens)
+            if sparse:
+                sp_a, sp_b = self.sparse_codes(t0, t1)
+                ids = _ids_from_sparse(sp_a)
+                acts_a = np.asarray(sp_a @ self.dict_a, dtype=np.float32) + self.mean_a
+                acts_b = np.asarray(sp_b @ self.dict_b, dtype=np.float32) + self.mean_b
+                codes_a, codes_b = (sp_a.toarray(), sp_b.toarray()) if with_codes else (None, None)
+            else:
+                codes_a, codes_b = self.codes(t0, t1)
+                ids = _ids_from_codes(codes_a)
+                acts_a = codes_a @ self.dict_a + self._mean_a64.astype(np.float32)
+                acts_b = codes_b @ self.dict_b + self._mean_b64.astype(np.float32)
+            if noise_a is not None:
+                acts_a += noise_a.normal(0, cfg.noise * feature_norm / math.sqrt(cfg.d_a),
+                                         (t1 - t0, cfg.d_a)).astype(np.float32)
+                acts_b += noise_b.normal(0, cfg.noise * cfg.scale_b * feature_norm / math.sqrt(cfg.d_b),
+                                         (t1 - t0, cfg.d_b)).astype(np.float32)
+            yield PlantedChunk(t0, ids, acts_a.astype(np.float32), acts_b.astype(np.float32),
+                               codes_a if with_codes else None, codes_b if with_codes else None)
+
+    def materialize(self) -> PlantedPair:
+        """All tokens in memory (dense codes): :func:`make_planted`'s pair."""
+        cfg = self.config
+        (chunk,) = list(self.chunks(cfg.n_tokens, sparse=False, with_codes=True))
+        return PlantedPair(
+            config=cfg, dict_a=self.dict_a, dict_b=self.dict_b, shared_a=self.shared_a, shared_b=self.shared_b,
+            a_only=self.a_only, b_only=self.b_only, changed_a=self.changed_a, changed_b=self.changed_b,
+            map_ab=self.map_ab, codes_a=chunk.codes_a, codes_b=chunk.codes_b, acts_a=chunk.acts_a,
+            acts_b=chunk.acts_b, mean_a=self.mean_a, mean_b=self.mean_b)
+
+
+@dataclass(frozen=True)
+class PlantedChunk:
+    """Tokens [t0, t0 + len(ids)) of a planted pair: fake token ids, activations, and (optionally) codes."""
+
+    t0: int
+    ids: np.ndarray
+    acts_a: np.ndarray
+    acts_b: np.ndarray
+    codes_a: np.ndarray | None = None
+    codes_b: np.ndarray | None = None
 
 
 def make_planted(cfg: PlantedConfig = PlantedConfig()) -> PlantedPair:
-    """Draw a planted pair (deterministic in ``cfg.seed``)."""
-    rng = np.random.default_rng(cfg.seed)
-    n_a, n_b = cfg.n_shared + cfg.n_a_only, cfg.n_shared + cfg.n_b_only
-    m = _orthonormal_map(cfg.d_a, cfg.d_b, rng)
-    shared_dirs_a = _unit_rows(rng.standard_normal((cfg.n_shared, cfg.d_a)))
-    carried = shared_dirs_a @ m                              # (n_shared, d_b)
-    carried_norm = np.linalg.norm(carried, axis=1)
-    dirs_a = np.concatenate([shared_dirs_a, _unit_rows(rng.standard_normal((cfg.n_a_only, cfg.d_a)))])
-    dirs_b = np.concatenate([carried / carried_norm[:, None],
-                             _unit_rows(rng.standard_normal((cfg.n_b_only, cfg.d_b)))])
+    """Draw a planted pair (deterministic in ``cfg.seed``), every array in memory.
 
-    # Shared features fire together: one code matrix, A's copy and B's (rescaled) copy.
-    k_shared = cfg.k * cfg.n_shared / n_a
-    shared_codes = _codes(cfg.n_tokens, cfg.n_shared, k_shared, cfg.zipf, rng)
-    a_only_codes = _codes(cfg.n_tokens, cfg.n_a_only, cfg.k - k_shared, cfg.zipf, rng) if cfg.n_a_only else \
-        np.zeros((cfg.n_tokens, 0), np.float32)
-    k_b_only = cfg.k * cfg.n_b_only / n_b
-    b_only_codes = _codes(cfg.n_tokens, cfg.n_b_only, k_b_only, cfg.zipf, rng) if cfg.n_b_only else \
-        np.zeros((cfg.n_tokens, 0), np.float32)
-    codes_a = np.concatenate([shared_codes, a_only_codes], axis=1)
-    gain = np.ones(cfg.n_shared, np.float32)
-    gain[:cfg.n_changed] = cfg.change_factor  # shared features are in random frequency order: no draw needed
-    codes_b = cfg.scale_b * np.concatenate([shared_codes * (gain * carried_norm)[None, :].astype(np.float32),
-                                            b_only_codes], axis=1)
+    Memory is O(n_tokens × features) (dense codes): for wide dictionaries stream the pair with
+    :class:`PlantedStream` / :func:`write_planted_store` ``(PlantedStream(cfg), ...)`` instead.
+    """
+    return PlantedStream(cfg).materialize()
 
-    # Hide the answer: store both dictionaries in random order.
-    perm_a, perm_b = rng.permutation(n_a), rng.permutation(n_b)  # new row r holds old feature perm[r]
-    inv_a, inv_b = np.argsort(perm_a), np.argsort(perm_b)        # old feature f sits at new row inv[f]
-    dict_a, dict_b = dirs_a[perm_a], dirs_b[perm_b]
-    codes_a, codes_b = codes_a[:, perm_a], codes_b[:, perm_b].astype(np.float32)
 
-    mean_a = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_a)))[0]
-    mean_b = cfg.offset * _unit_rows(rng.standard_normal((1, cfg.d_b)))[0]
-    acts_a = codes_a @ dict_a.astype(np.float32) + mean_a.astype(np.float32)
-    acts_b = codes_b @ dict_b.astype(np.float32) + mean_b.astype(np.float32)
-    if cfg.noise > 0:
-        feature_norm = math.sqrt(cfg.k * 1.0833)  # E‖Σ c_i d_i‖ for k unit directions, c ~ U(0.5, 1.5)
-        acts_a += rng.normal(0, cfg.noise * feature_norm / math.sqrt(cfg.d_a), acts_a.shape).astype(np.float32)
-        acts_b += rng.normal(0, cfg.noise * cfg.scale_b * feature_norm / math.sqrt(cfg.d_b),
-                             acts_b.shape).astype(np.float32)
-    return PlantedPair(
-        config=cfg, dict_a=dict_a.astype(np.float32), dict_b=dict_b.astype(np.float32),
-        shared_a=inv_a[:cfg.n_shared], shared_b=inv_b[:cfg.n_shared],
-        a_only=np.sort(inv_a[cfg.n_shared:]), b_only=np.sort(inv_b[cfg.n_shared:]),
-        changed_a=inv_a[:cfg.n_changed], changed_b=inv_b[:cfg.n_changed],
-        map_ab=(cfg.scale_b * m).astype(np.float32), codes_a=codes_a, codes_b=codes_b,
-        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
-        mean_a=mean_a.astype(np.float32), mean_b=mean_b.astype(np.float32))
+def _ids_from_codes(codes_a: np.ndarray) -> np.ndarray:
+    """Readable fake tokens: the letter of the token's strongest A feature ('a'..'z'), space if none."""
+    strongest = codes_a.argmax(axis=1)
+    return np.where(codes_a.max(axis=1) > 0, 97 + strongest % 26, 32).astype(np.int32)
+
+
+def _ids_from_sparse(codes_a: Any) -> np.ndarray:
+    """:func:`_ids_from_codes` of a CSR matrix: the first column holding each row's maximum (as argmax)."""
+    coo = codes_a.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))   # by row, then largest value, then lowest column
+    row, col = coo.row[order], coo.col[order]
+    first = np.ones(len(row), bool)
+    first[1:] = row[1:] != row[:-1]
+    ids = np.full(codes_a.shape[0], 32, np.int32)
+    ids[row[first]] = (97 + col[first] % 26).astype(np.int32)
+    return ids
 
 
 def _token_ids(pair: PlantedPair) -> np.ndarray:
-    """Readable fake tokens: the letter of the token's strongest A feature ('a'..'z'), space if none."""
-    strongest = pair.codes_a.argmax(axis=1)
-    return np.where(pair.codes_a.max(axis=1) > 0, 97 + strongest % 26, 32).astype(np.int32)
+    return _ids_from_codes(pair.codes_a)
 
 
-def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int = 64) -> Path:
+def write_planted_store(pair: PlantedPair | PlantedStream, out: str | Path, seqs_per_shard: int = 64) -> Path:
     """Write ``pair``'s activations as an ActivationStore at ``out`` (same format as ``diffkit collect``).
 
     Tokens are cut into sequences of ``ctx`` positions (no BOS); every ``heldout_every``-th
     sequence is held out; within a shard, training rows come first, as the reader expects. The
-    trailing tokens that do not fill a sequence are dropped.
+    trailing tokens that do not fill a sequence are dropped. A :class:`PlantedStream` is drawn
+    shard by shard (memory: one shard's codes), so the store may be far larger than memory.
     """
     from .activations import CollectConfig, finish_manifest, is_heldout
 
@@ -242,7 +420,15 @@ def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int 
     n_seqs = cfg.n_tokens // cfg.ctx
     if n_seqs == 0:
         raise DiffkitError(f"planted n_tokens {cfg.n_tokens} is less than one sequence of ctx {cfg.ctx}")
-    ids = _token_ids(pair)[:n_seqs * cfg.ctx].reshape(n_seqs, cfg.ctx)
+    if isinstance(pair, PlantedStream):
+        shard_rows = (PlantedChunk(c.t0, c.ids, c.acts_a, c.acts_b)
+                      for c in pair.chunks(seqs_per_shard * cfg.ctx))
+    else:
+        ids_all = _token_ids(pair)
+        shard_rows = (PlantedChunk(t0, ids_all[t0:t0 + seqs_per_shard * cfg.ctx],
+                                   pair.acts_a[t0:t0 + seqs_per_shard * cfg.ctx],
+                                   pair.acts_b[t0:t0 + seqs_per_shard * cfg.ctx])
+                      for t0 in range(0, n_seqs * cfg.ctx, seqs_per_shard * cfg.ctx))
     collect = CollectConfig(model_a="planted:a", model_b="planted:b", hook_a=PLANTED_HOOK, hook_b=PLANTED_HOOK,
                             corpus=f"planted:seed{cfg.seed}", tokens=n_seqs * cfg.ctx, ctx=cfg.ctx, seed=cfg.seed,
                             heldout_every=cfg.heldout_every)
@@ -252,19 +438,19 @@ def write_planted_store(pair: PlantedPair, out: str | Path, seqs_per_shard: int 
     manifest = {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "diffkit_version": __version__,
                 "config": asdict(collect), "complete": False, "seqs_per_shard": seqs_per_shard, "has_bos": False,
                 "shards": [], "sources": sources}
-    for index, seq_start in enumerate(range(0, n_seqs, seqs_per_shard)):
+    for index, (seq_start, chunk) in enumerate(zip(range(0, n_seqs, seqs_per_shard), shard_rows)):
         seqs = np.arange(seq_start, min(n_seqs, seq_start + seqs_per_shard))
         held = np.array([is_heldout(int(s), cfg.heldout_every) for s in seqs], dtype=bool)
-        ordered = np.concatenate([seqs[~held], seqs[held]])  # training sequences first
         local = np.arange(len(seqs))
-        local_ordered = np.concatenate([local[~held], local[held]])
-        rows = (ordered[:, None] * cfg.ctx + np.arange(cfg.ctx)).ravel()
-        flat = (local_ordered[:, None] * cfg.ctx + np.arange(cfg.ctx)).ravel().astype(np.int64)
+        local_ordered = np.concatenate([local[~held], local[held]])  # training sequences first
+        rows = (local_ordered[:, None] * cfg.ctx + np.arange(cfg.ctx)).ravel()  # rows of this shard's chunk
+        flat = rows.astype(np.int64)
         names = shard_files(index)
         n_train = int((~held).sum()) * cfg.ctx
         record = {"index": index, "seq_start": int(seq_start), "n_seqs": len(seqs), "n_tokens": len(rows),
                   "n_train": n_train, "norm_sum": {}, "files": {}}
-        arrays = {"ids": ids[seqs], "pos": flat, "a": pair.acts_a[rows], "b": pair.acts_b[rows]}
+        arrays = {"ids": chunk.ids[:len(seqs) * cfg.ctx].reshape(len(seqs), cfg.ctx), "pos": flat,
+                  "a": chunk.acts_a[rows], "b": chunk.acts_b[rows]}
         for src in ("a", "b"):
             record["norm_sum"][src] = float(np.linalg.norm(arrays[src][:n_train], axis=1).sum(dtype=np.float64))
         for key, array in arrays.items():
