@@ -32,7 +32,7 @@ from . import __version__
 from .corpora import Sequence, kept_positions, token_sequences
 from .errors import DiffkitError
 from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic_save_npy, atomic_write_json,
-                           check_shard_file, load_npy, read_manifest, shard_files)
+                           check_shard_file, load_npy, read_manifest, shard_files, validate_manifest)
 
 SPLITS = ("train", "heldout", "all")
 DTYPES = ("float32", "float16")
@@ -127,6 +127,9 @@ def _prepare_out_dir(out: Path, cfg: CollectConfig, resume: bool, overwrite: boo
     if out.exists() and not out.is_dir():
         raise DiffkitError(f"--out {out} is a file: pass a directory path")
     has_manifest = (out / MANIFEST).exists()
+    if resume and out.is_dir() and not has_manifest and all(p.name.endswith(".tmp") for p in out.iterdir()):
+        for path in out.iterdir():  # killed before its first manifest: nothing to keep, start afresh
+            path.unlink()
     if out.exists() and any(out.iterdir()):
         if overwrite:
             if not has_manifest:
@@ -147,9 +150,7 @@ def _prepare_out_dir(out: Path, cfg: CollectConfig, resume: bool, overwrite: boo
         else:
             raise DiffkitError(f"--out {out} already exists: pass --resume to continue it or --overwrite to "
                                "replace it")
-    elif resume:
-        raise DiffkitError(f"cannot resume: {out} does not exist or is empty; drop --resume")
-    return None
+    return None  # with --resume too: a run killed before it wrote anything resumes by starting afresh
 
 
 def _clean_uncommitted(out: Path, manifest: dict) -> None:
@@ -340,17 +341,15 @@ class ActivationStore:
         if verify not in ("size", "full", "none"):
             raise DiffkitError(f"verify={verify!r}: use 'size', 'full' or 'none'")
         try:
+            validate_manifest(manifest)
+            store = cls(root, manifest)
             for shard in manifest["shards"]:
                 for rel, record in shard["files"].items():
                     if verify != "none":
                         check_shard_file(root, rel, record, verify)
-            store = cls(root, manifest)
-            for src in SOURCES:
-                store.d_model(src), store.hook(src), store.scale(src)
-            store.n_tokens("all")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DiffkitError(f"{root / MANIFEST} is malformed (bad or missing field {exc}): collect the store "
-                               "again") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise DiffkitError(f"{root / MANIFEST} is malformed (bad or missing field {str(exc)[:160]}): collect "
+                               "the store again") from None
         return store
 
     # -- facts ---------------------------------------------------------------------------------

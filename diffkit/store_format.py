@@ -31,6 +31,7 @@ STORE_KIND = "diffkit.ActivationStore"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SOURCES = ("a", "b")
+INT_DTYPES = ("int32", "int64", "uint16", "uint32", "int16")
 
 
 def shard_files(index: int) -> dict[str, str]:
@@ -69,25 +70,138 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> dict:
             "shape": list(array.shape), "dtype": str(array.dtype)}
 
 
+def read_json(path: Path, fix: str) -> Any:
+    """Parse the JSON file ``path``; any failure is a one-line :class:`DiffkitError` ending in ``fix``."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DiffkitError(f"{path} is missing: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DiffkitError(f"{path} is not valid JSON ({reason}): {fix}") from None
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """:func:`read_json` for files that must hold a JSON object."""
+    obj = read_json(path, fix)
+    if not isinstance(obj, dict):
+        raise DiffkitError(f"{path} holds a JSON {type(obj).__name__}, not an object: {fix}")
+    return obj
+
+
+def load_safetensors(path: Path, fix: str, device: str = "cpu") -> dict:
+    """All tensors of the safetensors file ``path`` (torch); a missing, truncated or garbled file is a
+    one-line :class:`DiffkitError` ending in ``fix``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise DiffkitError(f"{path} is missing: {fix}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DiffkitError(f"{path} is not a readable safetensors file ({reason}): {fix}") from None
+
+
+def check_tensors(tensors: dict, expected: dict[str, tuple], what: str, fix: str, exact: bool = True) -> None:
+    """Every name of ``expected`` present with its shape and a floating dtype; with ``exact`` no other name.
+
+    Lists missing, unexpected and mis-shaped tensors in one line (strict loading, safetensors-style).
+    """
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected)) if exact else []
+    shapes = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k])})" for k in expected
+              if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
+    dtypes = [f"{k} {tensors[k].dtype}" for k in expected if k in tensors and not tensors[k].is_floating_point()]
+    if missing or unexpected or shapes or dtypes:
+        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"wrong shape {shapes}" if shapes else "", f"not floating point {dtypes}" if dtypes else ""]
+        raise DiffkitError(f"{what} does not fit its config: {'; '.join(p for p in parts if p)}: {fix}")
+
+
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not root.exists():
         raise DiffkitError(f"activation store {root} does not exist: run `diffkit collect --out {root}` first")
     if not path.exists():
         raise DiffkitError(f"{root} is not an activation store (no {MANIFEST}): point at a `diffkit collect` output")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiffkitError(f"{path} is not valid JSON ({exc}): the store is damaged, collect it again") from None
+    manifest = read_json(path, "the store is damaged, collect it again")
     if not isinstance(manifest, dict) or manifest.get("kind") != STORE_KIND:
-        raise DiffkitError(f"{path} is not an activation-store manifest (kind {manifest.get('kind') if isinstance(manifest, dict) else None!r})")
+        kind = repr(manifest.get("kind"))[:60] if isinstance(manifest, dict) else None
+        raise DiffkitError(f"{path} is not an activation-store manifest (kind {kind}): point at a `diffkit collect` "
+                           "output")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DiffkitError(f"{path} has store format version {manifest.get('format_version')!r}, this diffkit reads "
+        raise DiffkitError(f"{path} has store format version {repr(manifest.get('format_version'))[:40]}, this diffkit reads "
                            f"version {FORMAT_VERSION}: collect the store again with this version")
     for key in ("config", "sources", "shards", "complete"):
         if key not in manifest:
             raise DiffkitError(f"{path} lacks the field {key!r}: the store is damaged, collect it again")
     return manifest
+
+
+def _int(value: Any, what: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or value > 2**62:
+        raise ValueError(f"{what} = {repr(value)[:40]} (expected an integer >= {lo})")
+    return value
+
+
+def validate_manifest(manifest: dict) -> None:
+    """Structural checks of a complete store's manifest, so a damaged one fails at open with one line
+    instead of a traceback (or wrong rows) at read time. Raises ValueError naming the bad field.
+
+    Every shard lists exactly its four files with the shapes and dtypes its counts imply; counts are
+    non-negative and add up to the totals; each stored scale equals the one its norm sums give.
+    """
+    import math
+
+    cfg, sources, shards = manifest["config"], manifest["sources"], manifest["shards"]
+    if not isinstance(cfg, dict) or not isinstance(sources, dict) or not isinstance(shards, list) or not shards:
+        raise ValueError("config / sources / shards (expected objects and a non-empty list)")
+    ctx, dtype = _int(cfg["ctx"], "config.ctx", 1), cfg["dtype"]
+    d = {src: _int(sources[src]["d_model"], f"sources.{src}.d_model", 1) for src in SOURCES}
+    for src in SOURCES:
+        if not isinstance(sources[src]["hook"], str):
+            raise ValueError(f"sources.{src}.hook = {repr(sources[src]['hook'])[:40]} (expected a string)")
+    seq_start, totals = 0, {"train": 0, "all": 0}
+    for i, shard in enumerate(shards):
+        where = f"shards[{i}]"
+        if not isinstance(shard, dict) or _int(shard["index"], f"{where}.index") != i:
+            raise ValueError(f"{where}.index (expected {i}: shards out of order)")
+        n_seqs, n_tok = _int(shard["n_seqs"], f"{where}.n_seqs", 1), _int(shard["n_tokens"], f"{where}.n_tokens")
+        n_train = _int(shard["n_train"], f"{where}.n_train")
+        if n_train > n_tok or n_tok > n_seqs * ctx or _int(shard["seq_start"], f"{where}.seq_start") != seq_start:
+            raise ValueError(f"{where} counts (n_train {n_train}, n_tokens {n_tok}, n_seqs {n_seqs}, seq_start "
+                             f"{shard['seq_start']}) do not add up")
+        seq_start += n_seqs
+        totals["train"] += n_train
+        totals["all"] += n_tok
+        expect = {"ids": ([n_seqs, ctx], "int"), "pos": ([n_tok], "int"), "a": ([n_tok, d["a"]], dtype),
+                  "b": ([n_tok, d["b"]], dtype)}  # "int": any integer dtype (collect writes int32 / int64)
+        names = shard_files(i)
+        if not isinstance(shard["files"], dict) or set(shard["files"]) != set(names.values()):
+            raise ValueError(f"{where}.files (expected exactly {sorted(names.values())})")
+        for key, (shape, dt) in expect.items():
+            rec = shard["files"][names[key]]
+            dt_ok = rec["dtype"] in INT_DTYPES if dt == "int" else rec["dtype"] == dt
+            if rec["shape"] != shape or not dt_ok or not isinstance(rec["sha256"], str):
+                raise ValueError(f"{where}.files[{names[key]}] (shape {repr(rec['shape'])[:30]} dtype "
+                                 f"{repr(rec['dtype'])[:20]}, expected {shape} {dt})")
+            _int(rec["bytes"], f"{where}.files[{names[key]}].bytes", 1)
+        for src in SOURCES:
+            if not (isinstance(shard["norm_sum"][src], (int, float)) and math.isfinite(shard["norm_sum"][src])):
+                raise ValueError(f"{where}.norm_sum.{src}")
+    n = manifest["n_tokens"]
+    if not isinstance(n, dict) or n.get("train") != totals["train"] or n.get("all") != totals["all"] or \
+            n.get("heldout") != totals["all"] - totals["train"]:
+        raise ValueError(f"n_tokens = {repr(n)[:80]} (the shards hold {totals})")
+    rows = totals["train"] or totals["all"]
+    for src in SOURCES:
+        scale = manifest["scale"][src]
+        mean_norm = sum(s["norm_sum"][src] for s in shards) / max(1, rows)
+        want = math.sqrt(d[src]) / mean_norm if mean_norm > 0 else 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isclose(scale, want, rel_tol=1e-6):
+            raise ValueError(f"scale.{src} = {repr(scale)[:30]} (its norm sums give {want:.6g})")
 
 
 def check_shard_file(root: Path, rel: str, record: dict, verify: str) -> None:
@@ -109,9 +223,11 @@ def load_npy(root: Path, rel: str, record: dict) -> np.ndarray:
     path = root / rel
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DiffkitError(f"shard file {path} cannot be read ({exc}): collect the store again") from None
-    if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DiffkitError(f"shard file {path} cannot be read ({reason}): collect the store again") from None
+    if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"] or \
+            (array.ndim > 1 and not array.flags.c_contiguous):
         raise DiffkitError(f"shard file {path} holds {array.dtype}{list(array.shape)}, the manifest says "
                            f"{record['dtype']}{record['shape']}: collect the store again")
     return array
