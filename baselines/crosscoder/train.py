@@ -345,8 +345,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
         since_fired_L = _restore(model, opt, tensors, device)
         if rank == 0:
             log(f"resuming {out} from the checkpoint at step {step:,} of {cfg.steps:,}")
+    log_figs: dict = {}
     if resume and rank == 0:
-        _truncate_metrics(out / METRICS_FILE, step)
+        log_figs = _truncate_metrics(out / METRICS_FILE, step, final=step >= cfg.steps)
     wrapped: nn.Module = _Step(model, cfg)
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(wrapped, broadcast_buffers=False,
@@ -359,7 +360,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
     bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"crosscoder {cfg.arch}",
                disable=not progress or rank != 0)
     t0, tokens_t0, last_ckpt = time.time(), step * cfg.batch_size, step if start else None
-    log_figs: dict = {}
     try:
         while step < cfg.steps:
             for x_BD in prefetched(epoch_batches(store, cfg, step, rank, world), device, cfg.prefetch):
@@ -445,7 +445,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads
 def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, rank: int):
     """Check ``out`` against --resume; save the config on a fresh start; return the checkpoint to load."""
     saved_path = out / TRAIN_CONFIG_FILE
-    if resume:
+    if resume and not saved_path.exists() and out.is_dir() and all(p.name.endswith(".tmp") for p in out.iterdir()):
+        for path in out.iterdir():  # killed before it saved its config: nothing to keep, start afresh
+            path.unlink(missing_ok=True)
+    if resume and (out.exists() and any(out.iterdir())):
         if not saved_path.exists():
             raise DiffkitError(f"cannot resume: {out} has no {TRAIN_CONFIG_FILE}; drop --resume")
         diff = config_difference(read_train_config(out), cfg)
@@ -496,11 +499,25 @@ def _emit(fh, wandb_run, figs: dict) -> None:
                       step=figs["step"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines a killed run wrote after its last checkpoint (they are recomputed)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+def _truncate_metrics(path: Path, step: int, final: bool = False) -> dict:
+    """Drop log lines a killed run wrote after its last checkpoint (they are recomputed); return the last
+    train line kept (the summary's ``last_train_log`` when the resumed run has no step left to log).
+
+    ``final``: the checkpoint is the last step's, written after the final held-out line, which the resumed
+    run writes again (the soak run found it twice, and an empty ``last_train_log``, after a kill there).
+    """
+    if not path.exists():
+        return {}
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            keep.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill (or damage): the lines after the checkpoint are recomputed anyway
+    keep = [r for r in keep if isinstance(r, dict) and isinstance(r.get("step"), int) and "split" in r]
+    keep = [r for r in keep if r["step"] < step or (r["step"] == step and not (final and r["split"] == "heldout"))]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+    return next((r for r in reversed(keep) if r["split"] == "train"), {})
 
 
 def _wandb(cfg: TrainConfig):
