@@ -70,6 +70,12 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> dict:
             "shape": list(array.shape), "dtype": str(array.dtype)}
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception as one short line for a DiffkitError message (its type when it has no text)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def read_json(path: Path, fix: str) -> Any:
     """Parse the JSON file ``path``; any failure is a one-line :class:`DiffkitError` ending in ``fix``."""
     try:
@@ -102,6 +108,18 @@ def load_safetensors(path: Path, fix: str, device: str = "cpu") -> dict:
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise DiffkitError(f"{path} is not a readable safetensors file ({reason}): {fix}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_sha256(path: Path, expected: Any, fix: str) -> None:
+    """Compare ``path``'s sha256 with the one its artifact's JSON recorded (``None``: written before checksums)."""
+    if expected is None:
+        return
+    if not isinstance(expected, str) or sha256_file(path) != expected:
+        raise DiffkitError(f"{path} fails its sha256 checksum: it is corrupted or was replaced; {fix}")
 
 
 def check_tensors(tensors: dict, expected: dict[str, tuple], what: str, fix: str, exact: bool = True) -> None:
@@ -223,9 +241,8 @@ def load_npy(root: Path, rel: str, record: dict) -> np.ndarray:
     path = root / rel
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise DiffkitError(f"shard file {path} cannot be read ({reason}): collect the store again") from None
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises anything (TokenError on garbage)
+        raise DiffkitError(f"shard file {path} cannot be read ({first_line(exc)}): collect the store again") from None
     if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"] or \
             (array.ndim > 1 and not array.flags.c_contiguous):
         raise DiffkitError(f"shard file {path} holds {array.dtype}{list(array.shape)}, the manifest says "
