@@ -150,7 +150,9 @@ def _prepare_out_dir(out: Path, cfg: CollectConfig, resume: bool, overwrite: boo
         else:
             raise DiffkitError(f"--out {out} already exists: pass --resume to continue it or --overwrite to "
                                "replace it")
-    return None  # with --resume too: a run killed before it wrote anything resumes by starting afresh
+    elif resume and not out.exists():
+        raise DiffkitError(f"cannot resume: {out} does not exist; drop --resume")
+    return None  # --resume of an empty folder (a run killed before it wrote anything) starts afresh
 
 
 def _clean_uncommitted(out: Path, manifest: dict) -> None:
