@@ -81,7 +81,6 @@ these facts.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -416,7 +415,7 @@ def save_diff(diff: FeatureDiff, out: str | Path, inputs: dict) -> Path:
     """Write features.parquet, features.csv, summary.json, contexts.json, then config.json (marks it complete)."""
     import io
 
-    from .store_format import atomic_write_bytes, atomic_write_json
+    from .store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -427,25 +426,45 @@ def save_diff(diff: FeatureDiff, out: str | Path, inputs: dict) -> Path:
     buf = io.BytesIO()
     diff.table.to_parquet(buf, index=False)
     atomic_write_bytes(out / "features.parquet", buf.getvalue())
+    checksums = {"features.parquet": sha256_bytes(buf.getvalue())}
     atomic_write_bytes(out / "features.csv", diff.table.to_csv(index=False).encode())
     atomic_write_json(out / "summary.json", diff.summary)
     atomic_write_json(out / "contexts.json", [{"side": s, "feature": int(i), "contexts": c}
                                               for (s, i), c in diff.contexts.items()])
     atomic_write_json(out / "config.json", {"kind": DIFF_KIND, "format_version": DIFF_FORMAT_VERSION,
-                                            "config": asdict(diff.config), "inputs": inputs})
+                                            "config": asdict(diff.config), "inputs": inputs, "sha256": checksums})
     return out
 
 
 def load_table(out: str | Path) -> Any:
+    """The table of a saved FeatureDiff; damaged files are a one-line DiffkitError, never a wrong table."""
     import pandas as pd
 
+    from .store_format import read_json_object, verify_sha256
+
     out = Path(out)
+    fix = f"run `diffkit align --out {out}` again"
     if not (out / "config.json").exists():
         raise DiffkitError(f"{out} is not a complete FeatureDiff (no config.json): run `diffkit align --out {out}`")
-    meta = json.loads((out / "config.json").read_text())
-    if meta.get("kind") != DIFF_KIND:
-        raise DiffkitError(f"{out / 'config.json'} is not a FeatureDiff")
-    return pd.read_parquet(out / "features.parquet")
+    meta = read_json_object(out / "config.json", fix)
+    if meta.get("kind") != DIFF_KIND or meta.get("format_version") != DIFF_FORMAT_VERSION:
+        raise DiffkitError(f"{out / 'config.json'} is not a FeatureDiff of format {DIFF_FORMAT_VERSION}: {fix}")
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict):
+        raise DiffkitError(f"{out / 'config.json'}: sha256 is not an object: {fix}")
+    path = out / "features.parquet"
+    if not path.is_file():
+        raise DiffkitError(f"{path} is missing: {fix}")
+    verify_sha256(path, sums.get("features.parquet"), fix)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types (ArrowInvalid, OSError, ...) for damage
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DiffkitError(f"{path} cannot be read ({reason}): {fix}") from None
+    missing = [c for c in ("kind", "feature_a", "feature_b", "similarity", "score", "rank") if c not in table.columns]
+    if missing:
+        raise DiffkitError(f"{path} lacks the columns {missing}: {fix}")
+    return table
 
 
 def format_summary(diff: FeatureDiff, top: int = 5) -> str:
