@@ -97,29 +97,61 @@ def save_checkpoint(model: Any, tokenizer: ByteTokenizer, out_dir: Path, provena
     os.replace(tmp, out_dir)
 
 
+CONFIG_INTS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab")
+
+
+def _check_checkpoint(path: Path, meta: Any, tensors: dict) -> None:
+    """model.json and the weights agree before a model is built: known config keys of the right types,
+    the embedding and the number of blocks as the config says, every tensor of the dtype it names."""
+    fix = "the checkpoint is damaged: re-save it"
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(meta.get("tokenizer"), dict):
+        raise DiffkitError(f"{path / CONFIG_FILE} lacks its config or tokenizer object: {fix}")
+    bad = [f"{k}={repr(cfg.get(k))[:20]}" for k in CONFIG_INTS
+           if isinstance(cfg.get(k), bool) or not isinstance(cfg.get(k), int) or not 0 < cfg[k] <= 2**24]
+    if bad:
+        raise DiffkitError(f"{path / CONFIG_FILE}: config has invalid {', '.join(bad)}: {fix}")
+    dtype = meta.get("weights_dtype", "float32")
+    wrong = sorted(k for k, v in tensors.items() if str(v.dtype) != f"torch.{dtype}")
+    if wrong:
+        raise DiffkitError(f"{path / WEIGHTS_FILE}: tensors {wrong[:3]} are not {repr(dtype)[:20]} as "
+                           f"{CONFIG_FILE} says: {fix}")
+    W_E = tensors.get("embed.W_E")
+    blocks = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if W_E is None or tuple(W_E.shape) != (cfg["d_vocab"], cfg["d_model"]) or blocks != set(range(cfg["n_layers"])):
+        shape = None if W_E is None else tuple(W_E.shape)
+        raise DiffkitError(f"{path / WEIGHTS_FILE} does not match its config (embedding {shape} vs "
+                           f"{(cfg['d_vocab'], cfg['d_model'])}, {len(blocks)} blocks vs {cfg['n_layers']}): {fix}")
+
+
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Tokenizer, dict]:
     import torch
-    from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    from .store_format import first_line, load_safetensors, read_json
+
     path = Path(path)
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise DiffkitError(f"{path / CONFIG_FILE} is not valid JSON ({exc}): re-save the checkpoint") from None
-    if meta.get("kind") != CHECKPOINT_KIND or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    meta = read_json(path / CONFIG_FILE, "re-save the checkpoint")
+    if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND or \
+            meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise DiffkitError(f"{path / CONFIG_FILE} is not a diffkit model checkpoint of format "
                            f"{CHECKPOINT_FORMAT_VERSION}: re-save it with this diffkit version")
-    cfg = HookedTransformerConfig(**meta["config"], device=device)
-    model = HookedTransformer(cfg)
-    if not (path / WEIGHTS_FILE).exists():
-        raise DiffkitError(f"{path / WEIGHTS_FILE} is missing: the checkpoint is incomplete, re-save it")
-    state = {k: v.to(torch.float32) for k, v in load_file(path / WEIGHTS_FILE, device=str(device)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".IGNORE", ".mask"))]
-    if missing or unexpected:
-        raise DiffkitError(f"{path / WEIGHTS_FILE} does not match its config (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}): re-save the checkpoint")
+    tensors = load_safetensors(path / WEIGHTS_FILE, "the checkpoint is incomplete or damaged: re-save it", device)
+    _check_checkpoint(path, meta, tensors)
+    try:
+        cfg = HookedTransformerConfig(**meta["config"], device=device)
+        model = HookedTransformer(cfg)
+    except (TypeError, ValueError, AssertionError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise DiffkitError(f"{path / CONFIG_FILE}: its config does not build a model ({first_line(exc)}): "
+                           "re-save the checkpoint") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k])
+    if missing or unexpected or shapes:
+        raise DiffkitError(f"{path / WEIGHTS_FILE} does not match its config (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}, wrong shape {shapes[:3]}): re-save the checkpoint")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=False)
     model.eval()
     return model, _tokenizer_from_json(meta["tokenizer"], path), meta
 
