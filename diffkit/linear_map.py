@@ -38,7 +38,6 @@ values end in ``_``)::
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -258,7 +257,7 @@ class LinearMap:
         import torch
         from safetensors.torch import save
 
-        from .store_format import atomic_write_bytes, atomic_write_json
+        from .store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
 
         self._check_fitted()
         out = Path(out)
@@ -269,39 +268,74 @@ class LinearMap:
                    for k in ("W_ab", "b_ab", "W_ba", "b_ba", "mean_a", "mean_b")}
         if (out / MAP_JSON).exists():
             (out / MAP_JSON).unlink()  # an old JSON must not vouch for new tensors mid-write
-        atomic_write_bytes(out / MAP_TENSORS, save(tensors))
-        atomic_write_json(out / MAP_JSON, self.to_json())
+        data = save(tensors)
+        atomic_write_bytes(out / MAP_TENSORS, data)
+        atomic_write_json(out / MAP_JSON, {**self.to_json(), "tensors_sha256": sha256_bytes(data)})
         return out
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearMap":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        """Read a saved map; a damaged or inconsistent one is a one-line DiffkitError (never a wrong map)."""
+        import math
+
+        import torch
+
+        from .store_format import load_safetensors, read_json_object, verify_sha256
 
         path = Path(path)
+        fix = "fit it again with `diffkit fit-map`"
         if not (path / MAP_JSON).exists() or not (path / MAP_TENSORS).exists():
             missing = MAP_JSON if not (path / MAP_JSON).exists() else MAP_TENSORS
             raise DiffkitError(f"--map {path} has no {missing}: point at a `diffkit fit-map --out` directory, or "
                                "drop --map to fit one")
-        try:
-            meta = json.loads((path / MAP_JSON).read_text())
-            tensors = load_file(str(path / MAP_TENSORS))
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
-            raise DiffkitError(f"map {path} cannot be read ({exc}): fit it again with `diffkit fit-map`") from None
+        meta = read_json_object(path / MAP_JSON, fix)
         if meta.get("kind") != MAP_KIND or meta.get("format_version") != MAP_FORMAT_VERSION:
-            raise DiffkitError(f"{path / MAP_JSON} is not a diffkit LinearMap (format {MAP_FORMAT_VERSION}): fit it "
-                               "again with `diffkit fit-map`")
-        need = {"W_ab": (meta["d_a"], meta["d_b"]), "b_ab": (meta["d_b"],), "W_ba": (meta["d_b"], meta["d_a"]),
-                "b_ba": (meta["d_a"],), "mean_a": (meta["d_a"],), "mean_b": (meta["d_b"],)}
-        for key, shape in need.items():
-            if key not in tensors or tuple(tensors[key].shape) != tuple(shape):
-                raise DiffkitError(f"{path / MAP_TENSORS}: tensor {key} is missing or not of shape {shape}: fit the "
-                                   "map again")
-        m = cls(**meta["config"])
+            raise DiffkitError(f"{path / MAP_JSON} is not a diffkit LinearMap (format {MAP_FORMAT_VERSION}): {fix}")
+        verify_sha256(path / MAP_TENSORS, meta.get("tensors_sha256"), fix)
+        try:
+            d_a, d_b = meta["d_a"], meta["d_b"]
+            for name, val in (("d_a", d_a), ("d_b", d_b), ("n_train", meta["n_train"]), ("n_heldout", meta["n_heldout"])):
+                if isinstance(val, bool) or not isinstance(val, int) or val < (1 if name.startswith("d_") else 0):
+                    raise ValueError(f"{name} = {repr(val)[:30]}")
+            if not isinstance(meta["config"], dict) or not isinstance(meta["scores"], dict) or \
+                    not isinstance(meta["warnings"], list):
+                raise ValueError("config / scores / warnings")
+            m = cls(**meta["config"])
+            m.config  # validates method, alpha, space
+            for k, d_out in (("a_to_b", d_b), ("b_to_a", d_a)):
+                per_dim = meta["scores"][k]["heldout_fve_per_dim"]
+                if not isinstance(per_dim, list) or len(per_dim) != d_out:
+                    raise ValueError(f"scores.{k}.heldout_fve_per_dim (expected {d_out} values)")
+                for fig, val in [("heldout_fve", meta["scores"][k]["heldout_fve"]),
+                                 ("train_fve", meta["scores"][k]["train_fve"])] + [("per_dim", v) for v in per_dim]:
+                    if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or val > 1 + 1e-9):
+                        raise ValueError(f"scores.{k}.{fig} = {repr(val)[:30]} (an FVE: a number <= 1)")
+            if not (meta["store"] is None or isinstance(meta["store"], dict)) or \
+                    not all(isinstance(w, str) for w in meta["warnings"]):
+                raise ValueError("store / warnings")
+        except DiffkitError as exc:
+            raise DiffkitError(f"{path / MAP_JSON}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DiffkitError(f"{path / MAP_JSON} is malformed (bad or missing field {str(exc)[:80]}): {fix}") from None
+        need = {"W_ab": (d_a, d_b), "b_ab": (d_b,), "W_ba": (d_b, d_a), "b_ba": (d_a,), "mean_a": (d_a,),
+                "mean_b": (d_b,)}
+        tensors = load_safetensors(path / MAP_TENSORS, fix)
+        from .store_format import check_tensors
+
+        check_tensors(tensors, need, str(path / MAP_TENSORS), fix)
+        not64 = sorted(k for k in need if tensors[k].dtype != torch.float64)
+        if not64:
+            raise DiffkitError(f"{path / MAP_TENSORS}: tensors {not64} are not float64 as `diffkit fit-map` writes them: "
+                               f"{fix}")
         for key in need:
-            setattr(m, key + "_", tensors[key])
-        m.d_a_, m.d_b_ = meta["d_a"], meta["d_b"]
+            value = tensors[key].numpy()
+            if not np.isfinite(value).all():
+                raise DiffkitError(f"{path / MAP_TENSORS}: {key} has non-finite values: {fix}")
+            setattr(m, key + "_", value)
+        m.d_a_, m.d_b_ = d_a, d_b
         m.n_train_, m.n_heldout_ = meta["n_train"], meta["n_heldout"]
         m.store_, m.scores_, m.warnings_ = meta["store"], meta["scores"], meta["warnings"]
-        m.fit_seconds_, m.fit_flops_ = meta.get("fit_seconds", float("nan")), float("nan")
+        fit_seconds = meta.get("fit_seconds")
+        m.fit_seconds_ = float(fit_seconds) if isinstance(fit_seconds, (int, float)) else math.nan
+        m.fit_flops_ = math.nan
         return m
