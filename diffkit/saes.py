@@ -22,13 +22,13 @@ Otherwise raw activations are encoded: that is what SAEs are trained on.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DiffkitError
+from .store_format import first_line
 
 SAE_LENS_CFG = "cfg.json"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
@@ -87,21 +87,103 @@ def _json_beside(path: Path) -> Path | None:
     return None
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**31
+
+
+def check_sae_dir(path: Path) -> None:
+    """Check an sae-lens directory before sae-lens reads it: ``cfg.json`` an object with sane ``d_in``,
+    ``d_sae`` (and ``k``) and a known dtype; the weights a readable safetensors file whose tensors have
+    the config's shapes and dtype. sae-lens itself turns a float16 file under a float32 config into
+    float32 silently, and reports damage as assorted exception types; here each is one line.
+    """
+    from .store_format import check_tensors, load_safetensors, read_json_object
+
+    fix = "the SAE directory is damaged: save or download the SAE again"
+    cfg = read_json_object(path / SAE_LENS_CFG, fix)
+    bad = [f"{k}={repr(cfg.get(k))[:30]}" for k in ("d_in", "d_sae") if not _positive_int(cfg.get(k))]
+    if "k" in cfg and not (_positive_int(cfg["k"]) and _positive_int(cfg.get("d_sae")) and cfg["k"] <= cfg["d_sae"]):
+        bad.append(f"k={repr(cfg['k'])[:30]}")
+    if not isinstance(cfg.get("architecture", "standard"), str):
+        bad.append(f"architecture={repr(cfg['architecture'])[:30]}")
+    dtype = cfg.get("dtype", "float32")
+    if dtype not in ("float32", "float16", "bfloat16", "float64"):
+        bad.append(f"dtype={repr(dtype)[:30]}")
+    if not bad:
+        bad = _sae_lens_field_problems(cfg)
+    if bad:
+        raise DiffkitError(f"{path / SAE_LENS_CFG} has invalid {', '.join(bad)}: {fix}")
+    tensors = load_safetensors(path / SAE_LENS_WEIGHTS, fix)
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    check_tensors(tensors, expected, str(path / SAE_LENS_WEIGHTS), fix, exact=False)
+    wrong = sorted(k for k, v in tensors.items() if str(v.dtype) != f"torch.{dtype}")
+    if wrong:
+        raise DiffkitError(f"{path / SAE_LENS_WEIGHTS}: tensors {wrong[:4]} are not {dtype}, the dtype cfg.json "
+                           f"names: {fix}")
+
+
+def _sae_lens_field_problems(cfg: dict) -> list[str]:
+    """Values of sae-lens config fields of the wrong type or outside their Literal (sae-lens would take
+    most of them silently: an unknown normalization acts as none, a TopK SAE without k gets k=100)."""
+    import dataclasses
+    import typing
+
+    from sae_lens import SAE
+
+    arch = cfg.get("architecture", "standard")
+    try:
+        cls = SAE.get_sae_config_class_for_architecture(arch)
+    except (KeyError, ValueError) as exc:
+        return [f"architecture={arch!r} ({first_line(exc)})"]
+    bad = []
+    for f in dataclasses.fields(cls):
+        if f.name not in cfg:
+            continue
+        v, t = cfg[f.name], f.type
+        if typing.get_origin(t) is typing.Literal:
+            ok = v in typing.get_args(t)
+        elif t is bool:
+            ok = isinstance(v, bool)
+        elif t is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif t is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif t is str:
+            ok = isinstance(v, str)
+        else:
+            ok = True
+        if not ok:
+            bad.append(f"{f.name}={repr(v)[:30]}")
+    if "topk" in arch and "k" not in cfg:
+        bad.append("k (missing: a TopK SAE needs it)")
+    if "rescale_acts_by_decoder_norm" in cfg and not isinstance(cfg["rescale_acts_by_decoder_norm"], bool):
+        bad.append(f"rescale_acts_by_decoder_norm={repr(cfg['rescale_acts_by_decoder_norm'])[:30]}")
+    meta = cfg.get("metadata", {})
+    if not isinstance(meta, dict) or not isinstance(meta.get("hook_name", ""), (str, type(None))):
+        bad.append(f"metadata={repr(meta)[:40]}")
+    return bad
+
+
 def _load_plain(path: Path) -> Any:
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from sae_lens import SAE
 
+    from .store_format import read_json_object
+
     cfg_path = _json_beside(path)
     if cfg_path is None:
         raise DiffkitError(f"SAE file {path} has no JSON config beside it: write {path.with_suffix('.json').name} "
                            "with at least d_in and d_sae")
+    cfg = read_json_object(cfg_path, "check the SAE's config file")
     try:
-        cfg = json.loads(cfg_path.read_text())
         tensors = load_file(str(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
-        raise DiffkitError(f"SAE {path} cannot be read ({exc}): check the file") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DiffkitError(f"SAE {path} cannot be read ({first_line(exc)}): check the file") from None
+    if "W_enc" in tensors and tensors["W_enc"].ndim != 2:
+        raise DiffkitError(f"SAE file {path}: W_enc has shape {tuple(tensors['W_enc'].shape)}, not (d_in, d_sae)")
     need = ["W_enc", "W_dec", "b_enc", "b_dec"]
     missing = [k for k in need if k not in tensors]
     if missing:
@@ -120,9 +202,9 @@ def _load_plain(path: Path) -> Any:
     try:
         sae = SAE.from_dict(cfg)
         sae.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise DiffkitError(f"SAE {path} does not load as a {cfg['architecture']} sae-lens SAE: "
-                           f"{str(exc).splitlines()[0]}") from None
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        raise DiffkitError(f"SAE {path} does not load as a {repr(cfg['architecture'])[:30]} sae-lens SAE: "
+                           f"{first_line(exc)}") from None
     return sae
 
 
@@ -154,10 +236,11 @@ def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
     if path.is_dir():
         if not (path / SAE_LENS_CFG).exists():
             raise DiffkitError(f"SAE directory {path} has no {SAE_LENS_CFG}: point at an sae-lens SAE directory")
+        check_sae_dir(path)
         try:
             sae, source = SAE.load_from_disk(str(path), device=device), "sae-lens dir"
-        except (KeyError, ValueError, RuntimeError, OSError, json.JSONDecodeError) as exc:
-            raise DiffkitError(f"SAE directory {path} does not load with sae-lens: {str(exc).splitlines()[0]}") from None
+        except (KeyError, ValueError, RuntimeError, OSError, TypeError, AttributeError, AssertionError) as exc:
+            raise DiffkitError(f"SAE directory {path} does not load with sae-lens: {first_line(exc)}") from None
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise DiffkitError(f"SAE file {path} is not .safetensors: pass an sae-lens directory or a .safetensors file")
