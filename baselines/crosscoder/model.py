@@ -36,7 +36,6 @@ factors into the weights (outputs unchanged).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -62,10 +61,37 @@ def strict_from_dict(cls: Any, data: dict, what: str) -> Any:
     """Build frozen dataclass ``cls`` from ``data``; unknown or missing keys are errors (no silent drop)."""
     names = {f.name for f in fields(cls)}
     required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(data, dict):
+        raise DiffkitError(f"{what} holds a JSON {type(data).__name__}, not an object: written by another version?")
     unknown, missing = sorted(set(data) - names), sorted(required - set(data))
     if unknown or missing:
         raise DiffkitError(f"{what}: unknown keys {unknown}, missing keys {missing}: written by another version?")
-    return cls(**data)
+    wrong = [f"{f.name}={repr(data[f.name])[:30]} (not {f.type})" for f in fields(cls)
+             if f.name in data and not _is_type(data[f.name], str(f.type))]
+    if wrong:
+        raise DiffkitError(f"{what}: wrong types {', '.join(wrong)}: the file is damaged or hand-edited")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DiffkitError(f"{what}: {str(exc)[:120]}: the file is damaged or hand-edited") from None
+
+
+def _is_type(value: Any, annotation: str) -> bool:
+    """JSON value against a config field's annotation (int, float, str, bool, tuple[X, ...]); bool is no int."""
+    if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
+        inner = annotation[len("tuple["):-len(", ...]")]
+        return isinstance(value, (list, tuple)) and all(_is_type(v, inner) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if annotation == "int":
+        return isinstance(value, int) and abs(value) < 2**53
+    if annotation == "float":
+        return isinstance(value, (int, float))
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
 
 
 @dataclass(frozen=True)
@@ -288,41 +314,46 @@ def save(model: CrossCoder, out: str | Path, extra: dict | None = None) -> Path:
     """Write ``cfg.json`` + ``crosscoder.safetensors`` into ``out`` (each atomically)."""
     from safetensors.torch import save as st_save
 
-    from diffkit.store_format import atomic_write_bytes, atomic_write_json
+    from diffkit.store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out / WEIGHTS_FILE, st_save(tensors))
-    atomic_write_json(out / CFG_FILE, {**cfg_to_json(model.cfg), **({"info": extra} if extra else {})})
+    data = st_save(tensors)
+    atomic_write_bytes(out / WEIGHTS_FILE, data)
+    atomic_write_json(out / CFG_FILE, {**cfg_to_json(model.cfg), "weights_sha256": sha256_bytes(data),
+                                       **({"info": extra} if extra else {})})
     return out
 
 
 def load(path: str | Path, device: str = "cpu") -> CrossCoder:
     """Load a saved crosscoder; it encodes and decodes *raw* activations (see module docstring).
 
-    Strict: the config must have exactly the known keys and every tensor its expected shape.
+    Strict: the config must have exactly the known keys of the right types, the weights file its
+    recorded checksum, and every tensor its expected shape (checked before anything is allocated).
     """
-    from safetensors.torch import load_file
+    from diffkit.store_format import check_tensors, load_safetensors, read_json_object, verify_sha256
 
     path = Path(path)
+    fix = "train it again or point at another `diffkit crosscoder train --out`"
     if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise DiffkitError(f"{path} is not a crosscoder (needs {CFG_FILE} and {WEIGHTS_FILE}): point at the --out of "
                            "`diffkit crosscoder train`")
-    raw = json.loads((path / CFG_FILE).read_text())
+    raw = read_json_object(path / CFG_FILE, fix)
     if raw.pop("kind", None) != KIND or raw.pop("format_version", None) != FORMAT_VERSION:
         raise DiffkitError(f"{path / CFG_FILE} is not a diffkit crosscoder config of format {FORMAT_VERSION}")
     raw.pop("info", None)
+    verify_sha256(path / WEIGHTS_FILE, raw.pop("weights_sha256", None), fix)
     cfg = strict_from_dict(CrossCoderConfig, raw, str(path / CFG_FILE))
+    state = load_safetensors(path / WEIGHTS_FILE, fix)
+    L, D = cfg.dict_size, cfg.d_total
+    expected = {"W_enc_LD": (L, D), "b_enc_L": (L,), "W_dec_LD": (L, D), "b_dec_D": (D,),
+                "scale_M": (len(cfg.d_in),), "threshold": ()}
+    check_tensors(state, expected, str(path / WEIGHTS_FILE), fix)
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise DiffkitError(f"{path / WEIGHTS_FILE} holds non-finite (NaN/inf) values: {fix}")
     model = CrossCoder(cfg)
-    state = load_file(str(path / WEIGHTS_FILE))
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise DiffkitError(f"{path / WEIGHTS_FILE} does not fit its config: missing {missing}, unexpected "
-                           f"{unexpected}, wrong shape {bad}")
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()
 
 
