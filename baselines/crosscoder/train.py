@@ -106,7 +106,10 @@ class TrainConfig:
 
 
 def read_train_config(out: Path) -> TrainConfig:
-    return strict_from_dict(TrainConfig, json.loads((out / TRAIN_CONFIG_FILE).read_text()), str(out / TRAIN_CONFIG_FILE))
+    from diffkit.store_format import read_json_object
+
+    raw = read_json_object(out / TRAIN_CONFIG_FILE, "the run directory is damaged: choose another --out")
+    return strict_from_dict(TrainConfig, raw, str(out / TRAIN_CONFIG_FILE))
 
 
 def config_difference(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
@@ -205,17 +208,39 @@ def write_checkpoint(out: Path, step: int, model: CrossCoder, opt: torch.optim.O
 
 
 def read_checkpoint(out: Path) -> tuple[int, dict, dict] | None:
-    from safetensors.torch import load_file
+    """The last complete checkpoint named by ``checkpoint.json`` (None: none written yet); a damaged one is a
+    one-line DiffkitError (its tensors are checked against the model in :func:`_restore`)."""
+    from diffkit.store_format import load_safetensors, read_json_object
 
     pointer = out / POINTER_FILE
     if not pointer.exists():
         return None
-    info = json.loads(pointer.read_text())
-    folder = out / info["dir"]
-    return info["step"], load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
+    fix = "the checkpoint is damaged: delete checkpoint.json to restart the run from step 0, or choose another --out"
+    info = read_json_object(pointer, fix)
+    step, rel = info.get("step"), info.get("dir")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or rel != f"checkpoints/step_{step:07d}":
+        raise DiffkitError(f"{pointer} names step {repr(step)[:30]} in {repr(rel)[:60]}: {fix}")
+    folder = out / rel
+    state = read_json_object(folder / "state.json", fix)
+    if state.get("step") != step:
+        raise DiffkitError(f"{folder / 'state.json'} is of step {repr(state.get('step'))[:30]}, not {step}: {fix}")
+    return step, load_safetensors(folder / "state.safetensors", fix), state
 
 
 def _restore(model: CrossCoder, opt: torch.optim.Optimizer, tensors: dict, device: torch.device) -> torch.Tensor:
+    from diffkit.store_format import check_tensors
+
+    L = model.cfg.dict_size
+    expected = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        expected.update({f"adam.{name}.exp_avg": tuple(p.shape), f"adam.{name}.exp_avg_sq": tuple(p.shape),
+                         f"adam.{name}.step": ()})
+    since = tensors.get("since_fired_L")
+    if since is None or tuple(since.shape) != (L,) or since.dtype != torch.int64:
+        raise DiffkitError(f"the checkpoint's since_fired_L is missing or not int64 of shape ({L},): the checkpoint "
+                           "is damaged; delete checkpoint.json to restart from step 0, or choose another --out")
+    check_tensors({k: v for k, v in tensors.items() if k != "since_fired_L"}, expected, "the checkpoint",
+                  "delete checkpoint.json to restart from step 0, or choose another --out")
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in model.named_parameters():
         state = {key.rsplit(".", 1)[1]: v.to(device) for key, v in tensors.items()
@@ -448,7 +473,9 @@ def _prepare_out(out: Path, cfg: TrainConfig, resume: bool, rank: int):
     if resume and not saved_path.exists() and out.is_dir() and all(p.name.endswith(".tmp") for p in out.iterdir()):
         for path in out.iterdir():  # killed before it saved its config: nothing to keep, start afresh
             path.unlink(missing_ok=True)
-    if resume and (out.exists() and any(out.iterdir())):
+    if resume and not out.exists():
+        raise DiffkitError(f"cannot resume: {out} has no {TRAIN_CONFIG_FILE} (it does not exist); drop --resume")
+    if resume and any(out.iterdir()):  # an empty folder: killed before it saved its config, start afresh
         if not saved_path.exists():
             raise DiffkitError(f"cannot resume: {out} has no {TRAIN_CONFIG_FILE}; drop --resume")
         diff = config_difference(read_train_config(out), cfg)
