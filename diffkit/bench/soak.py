@@ -293,7 +293,9 @@ def run_soak(cfg: SoakConfig, work: Path, log: Callable[[str], None] = print) ->
                     problem = killed_state_problem(stage, out, ref_dir / stage)
                     if problem:
                         sc.torn.append(problem)
-                    resume = RESUMABLE[stage]
+                    # --resume where the stage has it and the killed run got as far as creating its folder
+                    # (otherwise both commands say "drop --resume": nothing was started)
+                    resume = RESUMABLE[stage] and out.exists()
                     continue
                 if attempt.returncode != 0:
                     sc.failures.append(f"exit {attempt.returncode}: {attempt.stderr_tail.splitlines()[-1:]}")
