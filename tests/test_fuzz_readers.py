@@ -271,7 +271,8 @@ def rewrite_safetensors(path: Path, fn: Callable[[dict], dict]) -> None:
 
 
 def drop_checksum(path: Path, key: str) -> None:
-    edit_json(path, set_at([key], None, delete=True))
+    """Remove a recorded checksum, so the check behind it (shape, dtype, columns) is what fires."""
+    edit_json(path, lambda obj: obj.pop(key, None) and None)
 
 
 def rewrite_npy(store: Path, rel: str, array: np.ndarray) -> None:
