@@ -162,8 +162,11 @@ def run_attempt(cmd: list[str], threads: int, kill_at: float | None, resume: boo
     while proc.poll() is None:
         peak = max(peak, _vm_hwm(proc.pid))
         if kill_at is not None and time.perf_counter() - t0 >= kill_at:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session this call started, nothing else
-            killed = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the session this call started, nothing else
+                killed = True
+            except ProcessLookupError:  # it ended between the poll and the kill
+                pass
             break
         time.sleep(0.02)
     _, err = proc.communicate()
