@@ -163,3 +163,6 @@ def test_a_tiny_scale_run_writes_the_report_with_its_rows(tmp_path):
     data = json.loads(js.read_text())
     assert data["command"] == "diffkit bench scale --tiny-test" and len(data["rows"]) == len(rows)
     assert any("align 512 features" in line for line in logged)
+    from diffkit.bench.scale_report import format_scale_report, load_scale_json
+
+    assert format_scale_report(*load_scale_json(js)) == text  # the JSON holds everything the report shows

@@ -26,7 +26,7 @@ def format_scale_report(result: ScaleResult, rows: list[BenchRow]) -> str:
     lines += ["## Machine", "", "| | |", "|---|---|",
               f"| platform | {m.platform}, Python {m.python} |",
               f"| CPU | {m.cpu_model}; {m.cpu_count} logical CPUs ({m.cpus_usable} usable) |",
-              f"| memory | {result.ram_bytes / 2**30:.1f} GiB (MemTotal), no swap limit set |",
+              f"| memory | {result.ram_bytes / 2**30:.1f} GiB (MemTotal) |",
               f"| torch | {m.torch_version}, {m.threads} threads in every measurement |", "",
               "Load (other processes' CPU use, sampled while idle):", ""]
     for s in result.load:
@@ -97,6 +97,19 @@ def format_scale_report(result: ScaleResult, rows: list[BenchRow]) -> str:
         lines.append(f"| {r.case} | {r.figure:,.3g} {r.unit} | {base} | {ratio} | {_gib(r.peak_rss_bytes)} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def load_scale_json(path: str | Path) -> tuple[ScaleResult, list[BenchRow]]:
+    """A result written by :func:`write_scale_report` (``scale.json``), to render its markdown again."""
+    from .machine import LoadSample, MachineInfo
+    from .scale import AlignRun, AlignSize, CrosscoderRun, ScaleConfig
+
+    d = json.loads(Path(path).read_text())
+    cfg = ScaleConfig(**{**d["config"], "align": tuple(AlignSize(**a) for a in d["config"]["align"])})
+    result = ScaleResult(d["started_utc"], d["size"], cfg, d["seconds"], MachineInfo(**d["machine"]),
+                         [LoadSample(**s) for s in d["load"]], [AlignRun(**a) for a in d["align"]],
+                         [CrosscoderRun(**c) for c in d["crosscoder"]], d["ram_bytes"], d["command"])
+    return result, [BenchRow.from_dict(r) for r in d["rows"]]
 
 
 def write_scale_report(result: ScaleResult, rows: list[BenchRow], out: str | Path) -> tuple[Path, Path]:
