@@ -124,6 +124,13 @@ def _child_align(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["method"] == "diffkit-sparse":
         res = assign(dirs_a, dirs_b, 0.5, solver="sparse", k=spec.get("k", 32))
+    elif spec["method"] == "lapjv":
+        from .baselines import lapjv_assign
+
+        sim = cosine_matrix(dirs_a, dirs_b)
+        t1 = time.perf_counter()
+        res = lapjv_assign(sim, 0.5)
+        res.seconds["cost"] = t1 - t0
     else:
         sim = cosine_matrix(dirs_a, dirs_b)
         t1 = time.perf_counter()
@@ -141,7 +148,8 @@ def _child_align(spec: dict) -> dict:
 
 def _child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    print(CHILD_MARKER + json.dumps(_child_align(spec)), flush=True)
+    fn = _child_map_fit if spec["method"].startswith("mapfit-") else _child_align
+    print(CHILD_MARKER + json.dumps(fn(spec)), flush=True)
 
 
 def _run_child(spec: dict, timeout: float = 1200) -> dict:
@@ -177,30 +185,37 @@ def _gemm_gflops(rows: int, d: int, repeats: int = 3) -> tuple[float, float]:
     return 2.0 * rows * d * d / best_z / 1e9, 2.0 * d ** 3 / best_sq / 1e9
 
 
+FIT_CTX, FIT_SEQS_PER_SHARD = 128, 128
+
+
+def write_fit_store(work: Path, tokens: int, d: int) -> Path:
+    """A store of ``tokens`` rows, d_a = d_b = d: B = A·M + noise, A Gaussian (a well-posed affine fit)."""
+    from ..synthetic import PlantedConfig, PlantedPair, write_planted_store
+
+    ctx, seqs_per_shard = FIT_CTX, FIT_SEQS_PER_SHARD
+    cfg = PlantedConfig(d_a=d, d_b=d, n_shared=1, n_a_only=0, n_b_only=0, k=1, n_tokens=tokens, ctx=ctx,
+                        heldout_every=10)
+    rng = np.random.default_rng(0)
+    acts_a = rng.standard_normal((tokens, d), dtype=np.float32)
+    mix = (rng.standard_normal((d, d), dtype=np.float32) / np.sqrt(d)).astype(np.float32)  # np.sqrt: a float64 scalar
+    acts_b = (acts_a @ mix + 0.1 * rng.standard_normal((tokens, d), dtype=np.float32)).astype(np.float32)
+    zeros = np.zeros((tokens, 1), np.float32)
+    pair = PlantedPair(cfg, np.ones((1, d), np.float32), np.ones((1, d), np.float32), np.zeros(1, np.int64),
+                       np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), mix, zeros, zeros,
+                       acts_a, acts_b, np.zeros(d, np.float32), np.zeros(d, np.float32))
+    return write_planted_store(pair, work / "fit-store", seqs_per_shard=seqs_per_shard)
+
+
 def bench_map_fit(work: Path, tokens: int, d: int, threads: int) -> MapFitResult:
     """Write a store of ``tokens`` rows (d_a = d_b = d) and fit a map on it; GEMM rate on the same shape."""
     import torch
 
     from ..activations import ActivationStore
     from ..linear_map import LinearMap
-    from ..synthetic import PlantedConfig, PlantedPair, write_planted_store
 
     torch.set_num_threads(threads)
-    ctx, seqs_per_shard = 128, 128
-    cfg = PlantedConfig(d_a=d, d_b=d, n_shared=1, n_a_only=0, n_b_only=0, k=1, n_tokens=tokens, ctx=ctx,
-                        heldout_every=10)
-    rng = np.random.default_rng(0)
-    acts_a = rng.standard_normal((tokens, d), dtype=np.float32)
-    mix = rng.standard_normal((d, d), dtype=np.float32) / np.sqrt(d)
-    acts_b = acts_a @ mix + 0.1 * rng.standard_normal((tokens, d), dtype=np.float32)
-    zeros = np.zeros((tokens, 1), np.float32)
-    pair = PlantedPair(cfg, np.ones((1, d), np.float32), np.ones((1, d), np.float32), np.zeros(1, np.int64),
-                       np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), mix, zeros, zeros,
-                       acts_a, acts_b, np.zeros(d, np.float32), np.zeros(d, np.float32))
-    path = write_planted_store(pair, work / "fit-store", seqs_per_shard=seqs_per_shard)
-    del acts_a, acts_b, pair
-    store = ActivationStore.open(path)
-    rows = ctx * seqs_per_shard
+    store = ActivationStore.open(write_fit_store(work, tokens, d))
+    rows = FIT_CTX * FIT_SEQS_PER_SHARD
     gemm, square = _gemm_gflops(rows, 2 * d)
     t0 = time.perf_counter()
     lmap = LinearMap().fit(store)
@@ -239,3 +254,130 @@ def run_align_benchmark(quick: bool = False, threads: int = 2, skip_65k: bool = 
     command = "diffkit bench align" + (" --quick" if quick else "") + (" --skip-65k" if skip_65k else "") + \
         (f" --threads {threads}" if threads != 2 else "")
     return AlignBenchmark(started, quick, time.time() - t0, machine_info(threads), load, cases, fit, command)
+
+
+# -- rows for ``diffkit bench all`` ----------------------------------------------------------------
+
+ALIGN_SIZES = {"tiny": ([512], 64), "small": ([8192], D_MODEL), "full": ([16_384, 65_536], D_MODEL)}
+FIT_SIZES = {"tiny": (8192, 32), "small": (131_072, 512), "full": (1_048_576, 1024)}  # (tokens, d per model)
+DENSE_MAX_N = 16_384  # above this the dense baselines' float64 cost copy alone is 34 GB at 65,536: not run
+
+
+def _child_map_fit(spec: dict) -> dict:
+    """A map fit in a fresh process: ``mapfit-stream`` (LinearMap.fit over the store) or ``mapfit-lstsq``
+    (the train split read into memory, then ``np.linalg.lstsq``); W and b of A→B saved to ``spec["out"]``."""
+    import torch
+
+    from ..activations import ActivationStore
+    from ..linear_map import LinearMap
+    from .baselines import lstsq_affine
+
+    torch.set_num_threads(spec["threads"])
+    store = ActivationStore.open(spec["store"])
+    input_rss = max_rss_bytes()
+    load_seconds = 0.0
+    t0 = time.perf_counter()
+    if spec["method"] == "mapfit-stream":
+        lmap = LinearMap().fit(store)
+        W, b, n_train = lmap.W_ab_, lmap.b_ab_, lmap.n_train_
+    else:
+        parts = [(a.numpy(), b.numpy()) for a, b in store.iter_shards("train", normalized=False)]
+        x_a = np.concatenate([p[0] for p in parts])
+        x_b = np.concatenate([p[1] for p in parts])
+        del parts
+        load_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        W, b = lstsq_affine(x_a, x_b)
+        n_train = len(x_a)
+    seconds = time.perf_counter() - t0
+    np.save(Path(spec["out"]) / f"{spec['method']}-W.npy", W)
+    np.save(Path(spec["out"]) / f"{spec['method']}-b.npy", b)
+    return {"seconds": seconds, "load_seconds": load_seconds, "peak_rss_bytes": max_rss_bytes(),
+            "input_rss_bytes": input_rss, "n_train": int(n_train)}
+
+
+def _mib(n: float) -> float:
+    return n / 2**20
+
+
+def summary_rows(size: str, work: Path, threads: int, log: Callable[[str], None]) -> list:
+    """The ``align`` part of ``diffkit bench all``: cost + assignment of planted directions, diffkit's sparse
+    solver vs scipy's dense ``linear_sum_assignment`` and ``lap.lapjv`` (where installed), each in a fresh
+    process; the same optimum is checked (total cost) and the planted pairs recovered are noted."""
+    from .baselines import lap_status
+    from .rows import BenchRow, speedup
+
+    sizes, d = ALIGN_SIZES[size]
+    lap_version = lap_status()
+    rows = []
+    for n in sizes:
+        got = {}
+        methods = ["diffkit-sparse"] + (["scipy-dense"] + (["lapjv"] if lap_version else []) if n <= DENSE_MAX_N
+                                        else [])
+        for method in methods:
+            got[method] = _run_child({"method": method, "n": n, "d": d, "seed": 0, "threads": threads})
+            log(f"  {method} n={n:,} d={d}: {got[method]['seconds']:.1f} s, "
+                f"peak RSS {_mib(got[method]['peak_rss_bytes']):,.0f} MiB")
+        ours = got["diffkit-sparse"]
+        case = f"assignment (cost + solve), {n:,} × {n:,} planted features, d {d}"
+        recovered = (f"planted pairs recovered {ours['shared_recovered']:.1%}, A-only left unmatched "
+                     f"{ours['a_only_unmatched']:.1%}")
+        if n > DENSE_MAX_N:
+            rows.append(BenchRow("align", case, ours["seconds"], "s",
+                                 f"dense solvers: not run (a {n:,}² float64 cost copy is "
+                                 f"{n * n * 8 / 1e9:.0f} GB)", None, None, ours["peak_rss_bytes"], "cpu", recovered))
+            continue
+        baselines = [("scipy-dense", "scipy `linear_sum_assignment` (dense)"),
+                     ("lapjv", f"`lap.lapjv` {lap_version} (dense)" if lap_version else "`lap.lapjv`: not installed")]
+        for method, label in baselines:
+            base = got.get(method)
+            if base is None:
+                rows.append(BenchRow("align", case, ours["seconds"], "s", label, None, None, ours["peak_rss_bytes"],
+                                     "cpu", "install the `bench` extra (pip install lap) for this baseline"))
+                continue
+            same = abs(base["total_cost"] - ours["total_cost"]) <= 1e-4 * max(1.0, abs(base["total_cost"]))
+            optimum = (f"same optimum (total cost {ours['total_cost']:,.3f})" if same else
+                       f"OPTIMUM DIFFERS: total cost {ours['total_cost']:,.3f} vs {base['total_cost']:,.3f}")
+            rows.append(BenchRow("align", case, ours["seconds"], "s", label, base["seconds"],
+                                 speedup(ours["seconds"], base["seconds"]), ours["peak_rss_bytes"], "cpu",
+                                 f"{optimum}; {recovered}"))
+            rows.append(BenchRow("align", f"peak RSS, {case}", _mib(ours["peak_rss_bytes"]), "MiB", label,
+                                 _mib(base["peak_rss_bytes"]), speedup(ours["peak_rss_bytes"], base["peak_rss_bytes"]),
+                                 ours["peak_rss_bytes"], "cpu", "each in a fresh process (VmHWM), inputs included"))
+    return rows
+
+
+def map_fit_summary_rows(size: str, work: Path, threads: int, log: Callable[[str], None]) -> list:
+    """The ``mapfit`` part of ``diffkit bench all``: ``LinearMap.fit`` streaming a store vs numpy's in-memory
+    ``lstsq`` on the same train rows, each in a fresh process; the two A→B maps must agree."""
+    from .rows import BenchRow, speedup
+
+    tokens, d = FIT_SIZES[size]
+    work = Path(work)
+    log(f"  writing a {tokens:,}-token store, d {d} + {d} ...")
+    store = write_fit_store(work, tokens, d)
+    got = {}
+    for method in ("mapfit-stream", "mapfit-lstsq"):
+        got[method] = _run_child({"method": method, "n": tokens, "store": str(store), "out": str(work),
+                                  "threads": threads})
+        log(f"  {method}: {got[method]['seconds']:.1f} s, peak RSS {_mib(got[method]['peak_rss_bytes']):,.0f} MiB")
+    W = {m: np.load(work / f"{m}-W.npy") for m in got}
+    b = {m: np.load(work / f"{m}-b.npy") for m in got}
+    err = max(float(np.abs(W["mapfit-stream"] - W["mapfit-lstsq"]).max() / np.abs(W["mapfit-lstsq"]).max()),
+              float(np.abs(b["mapfit-stream"] - b["mapfit-lstsq"]).max() / max(np.abs(W["mapfit-lstsq"]).max(), 1e-12)))
+    agree = f"answers agree (max relative difference of W, b {err:.1e})" if err < 1e-6 else \
+        f"ANSWERS DIFFER: max relative difference of W, b {err:.1e}"
+    ours, base = got["mapfit-stream"], got["mapfit-lstsq"]
+    n_train = ours["n_train"]
+    if base["n_train"] != n_train:
+        agree += f"; TRAIN ROWS DIFFER: {n_train:,} vs {base['n_train']:,}"
+    case = f"affine map fit, {n_train:,} train tokens, d {d} → {d}"
+    label = "numpy in-memory `np.linalg.lstsq` (A→B only)"
+    return [BenchRow("mapfit", case, ours["seconds"], "s", label, base["seconds"], speedup(ours["seconds"], base["seconds"]),
+                     ours["peak_rss_bytes"], "cpu",
+                     f"{agree}; diffkit fits both directions + held-out FVE in its time; the baseline's time "
+                     f"excludes reading the store into memory ({base['load_seconds']:.1f} s)"),
+            BenchRow("mapfit", f"peak RSS, {case}", _mib(ours["peak_rss_bytes"]), "MiB", label,
+                     _mib(base["peak_rss_bytes"]), speedup(ours["peak_rss_bytes"], base["peak_rss_bytes"]),
+                     ours["peak_rss_bytes"], "cpu", "each in a fresh process (VmHWM); the baseline holds the train "
+                     f"split in memory ({n_train * 2 * d * 4 / 2**20:,.0f} MiB as float32)")]
