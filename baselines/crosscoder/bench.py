@@ -289,5 +289,56 @@ def write_report(b: CrosscoderBench, out: Path) -> Path:
     return out
 
 
+# -- rows for ``diffkit bench all`` ----------------------------------------------------------------
+
+# size -> (dict sizes, steps per path, zoo store tokens, zoo FVE run or not)
+SUMMARY_SIZES = {"tiny": ((64,), {"sparse": 3, "dense": 3}, 8_000, False),
+                 "small": ((4096, 16384), {"sparse": 8, "dense": 4}, 100_000, False),
+                 "full": (SIZES, {"sparse": 12, "dense": 6}, 100_000, True)}
+
+
+def summary_rows(size: str, work: Path, threads: int, log: Callable[[str], None]) -> list:
+    """The ``crosscoder`` part of ``diffkit bench all``: training tokens/s of the sparse path (default) vs plain
+    autograd (the dense path), and the counted rate vs this machine's fp32 matmul rate, on a zoo store
+    collected into ``work``; at ``full`` also the zoo FVE run."""
+    from diffkit.activations import ActivationStore, CollectConfig, collect_activations
+    from diffkit.bench.rows import BenchRow, throughput_ratio
+
+    sizes, steps, tokens, zoo = SUMMARY_SIZES[size]
+    store = Path(work) / "zoo-store"
+    log(f"  collecting the zoo store ({tokens:,} tokens) ...")
+    collect_activations(CollectConfig(model_a="zoo:base", model_b="zoo:finetuned", hook_a="blocks.0.hook_resid_post",
+                                      hook_b="blocks.0.hook_resid_post", corpus="mixed", tokens=tokens), store,
+                        progress=False)
+    st = ActivationStore.open(store)
+    d = st.d_model("a") + st.d_model("b")
+    batch = BATCH if size != "tiny" else 256
+    rate = max(matmul_rates(threads, max(sizes), d, repeats=1 if size == "tiny" else 5).values()) * 1e9
+    speed = bench_speed(str(store), sizes, threads, steps, batch=batch, log=log)
+    rows = []
+    for L in sizes:
+        sp, de = [next(r for r in speed if r.dict_size == L and r.path == p) for p in ("sparse", "dense")]
+        case = f"training, BatchTopK L={L:,} k=32 batch {batch}, zoo store (D={d})"
+        busy = max(sp.others_busy_percent, de.others_busy_percent)
+        load = f"; other processes used up to {busy:.0f}% of a core meanwhile" if busy > 20 else ""
+        rows.append(BenchRow("crosscoder", case, sp.tokens_per_s, "tokens/s", "plain autograd (dense path)",
+                             de.tokens_per_s, throughput_ratio(sp.tokens_per_s, de.tokens_per_s), sp.peak_rss_bytes,
+                             "cpu", f"sparse path (default); {sp.steps} vs {de.steps} steps, fresh processes; dense "
+                             f"peak RSS {de.peak_rss_bytes / 2**20:,.0f} MiB{load}"))
+        counted = sp.tokens_per_s * sp.flops_per_token / 1e9
+        rows.append(BenchRow("crosscoder", f"counted rate 12·L·D per token, {case}", counted, "GFLOP/s",
+                             "fp32 `torch.mm` rate, same run (best shape)", rate / 1e9,
+                             throughput_ratio(counted, rate / 1e9), sp.peak_rss_bytes, "cpu",
+                             "dense-equivalent: the sparse path does less work than counted, so > 1 is possible"))
+    if zoo:
+        got = _spawn({"threads": threads, "cfg": dict(acts=str(store), out="", log_every=25, checkpoint_every=0,
+                                                      **ZOO)})
+        held = got["heldout"]
+        rows.append(BenchRow("crosscoder", f"zoo crosscoder L={ZOO['dict_size']}, {ZOO['tokens']:,} tokens: held-out "
+                             "FVE A (B in note)", held["fve_a"], "FVE", None, None, None, got["peak_rss_bytes"], "cpu",
+                             f"FVE B {held['fve_b']:.3f}, {got['seconds']:.0f} s"))
+    return rows
+
+
 if __name__ == "__main__":
     print(MARK + json.dumps(_child(json.loads(sys.argv[1]))), flush=True)

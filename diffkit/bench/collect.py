@@ -406,3 +406,48 @@ def run_collect_benchmark(quick: bool = False, threads: int = 2,
     load.append(sample_load("after", interval))
     return CollectBenchmark(quick, started, time.perf_counter() - t_start, machine, load, forward, collect, read,
                             sections)
+
+
+# -- rows for ``diffkit bench all`` ----------------------------------------------------------------
+
+# size -> (forward batch, forward repeats, token counts collected, read repeats)
+SUMMARY_SIZES = {"small": (16, 3, (100_000,), 2), "full": (32, 5, (100_000, 1_000_000), 3)}
+
+
+def summary_rows(size: str, work: Path, threads: int, log: Callable[[str], None]) -> list:
+    """The ``collect`` part of ``diffkit bench all``: the same three measurements as ``diffkit bench collect``
+    (smaller at ``small``), as rows: forward vs ``run_with_cache``, collection tokens/s and peak RSS vs the
+    in-memory ``run_with_cache`` collection (fresh processes), shuffled reads vs sequential ``np.load``."""
+    import torch
+
+    from .rows import BenchRow, speedup, throughput_ratio
+
+    batch, repeats, counts, read_repeats = SUMMARY_SIZES[size]
+    torch.set_num_threads(threads)
+    forward = bench_forward(batch=batch, repeats=repeats, threads=threads)
+    early = forward.rows[0]
+    log(f"  forward to {early.hook}: {early.speedup:.2f}x run_with_cache")
+    rows = [BenchRow("collect", f"forward to `{early.hook}` of an 8-layer model ({batch}×{forward.ctx} tokens)",
+                     early.diffkit_tokens_per_s, "tokens/s", "`run_with_cache(tokens)`, whole model",
+                     early.baseline_tokens_per_s, throughput_ratio(early.diffkit_tokens_per_s,
+                                                                   early.baseline_tokens_per_s),
+                     max_rss_bytes(), "cpu", f"median of {repeats}, alternating; both under no_grad")]
+    collect, stores = bench_collect(counts, Path(work), threads=threads, log=log)
+    for tokens, i in zip(counts, range(0, len(collect.runs), 2)):
+        ours, base = collect.runs[i], collect.runs[i + 1]  # bench_collect runs diffkit, then in-memory, per count
+        case = f"collect {tokens:,} tokens, {collect.models}, `{collect.hook}`"
+        label = "in-memory `run_with_cache` into a list"
+        rows.append(BenchRow("collect", case, ours.tokens_per_s, "tokens/s", label, base.tokens_per_s,
+                             throughput_ratio(ours.tokens_per_s, base.tokens_per_s), ours.peak_rss_bytes, "cpu",
+                             "each in a fresh process; diffkit's time includes writing and hashing the shards"))
+        rows.append(BenchRow("collect", f"peak RSS, {case}", ours.peak_rss_bytes / 2**20, "MiB", label,
+                             base.peak_rss_bytes / 2**20, speedup(ours.peak_rss_bytes, base.peak_rss_bytes),
+                             ours.peak_rss_bytes, "cpu",
+                             f"VmHWM; activations produced {ours.activation_bytes / 2**20:,.0f} MiB"))
+    read = bench_read(stores[counts[-1]], repeats=read_repeats, threads=threads)
+    log(f"  shuffled reads {read.shuffled_gbps:.2f} GB/s vs sequential {read.baseline_gbps:.2f} GB/s")
+    rows.append(BenchRow("collect", f"shuffled reads, `iter_batches({READ_BATCH})` of the {counts[-1]:,}-token store",
+                         read.shuffled_gbps, "GB/s", "sequential `np.load` of the shard files", read.baseline_gbps,
+                         throughput_ratio(read.shuffled_gbps, read.baseline_gbps), max_rss_bytes(), "cpu",
+                         "a baseline with no shuffling: a ratio below 1 is the price of random order"))
+    return rows

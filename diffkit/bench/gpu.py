@@ -231,6 +231,66 @@ def run_gpu_benchmark(out: Path, quick: bool = False, deadline_s: float = 480.0,
     return result
 
 
+# -- rows for ``diffkit bench all`` ----------------------------------------------------------------
+
+def gpu_rows(r: dict) -> list:
+    """BenchRows from a ``gpu.json`` result (this run's, or the last committed one), device = the card's name."""
+    from .rows import BenchRow, speedup, throughput_ratio
+
+    dev = r["device"]["name"]
+    rows = [BenchRow("gpu", f"matmul {name}", rate * 1e3, "GFLOP/s", device=dev, note="reference, same run")
+            for name, rate in r.get("matmul_tflops", {}).items()]
+    bf16 = r.get("matmul_tflops", {}).get("8192³ bf16")
+    train = r.get("train", [])
+    for t in train:
+        if t["compile"] or t["prefetch"] == 0:
+            continue
+        case = f"crosscoder training L={t['dict_size']:,}, {t['path']} path, {t['precision']}"
+        flat = next((u for u in train if u["dict_size"] == t["dict_size"] and u["precision"] == t["precision"]
+                     and u["path"] == t["path"] and u["prefetch"] == 0 and not u["compile"]), None)
+        dense = next((u for u in train if u["dict_size"] == t["dict_size"] and u["precision"] == t["precision"]
+                      and u["path"] == "dense" and u["prefetch"] == t["prefetch"] and not u["compile"]), None)
+        if t["path"] == "sparse" and dense is not None:
+            rows.append(BenchRow("gpu", case, t["tokens_per_s"], "tokens/s", "dense path (plain autograd), same run",
+                                 dense["tokens_per_s"], throughput_ratio(t["tokens_per_s"], dense["tokens_per_s"]),
+                                 None, dev, f"peak GPU memory {t['peak_gpu_bytes'] / 2**30:.1f} GiB"))
+        if flat is not None:
+            rows.append(BenchRow("gpu", case, t["tokens_per_s"], "tokens/s", "the same without --prefetch",
+                                 flat["tokens_per_s"], throughput_ratio(t["tokens_per_s"], flat["tokens_per_s"]),
+                                 None, dev, f"peak GPU memory {t['peak_gpu_bytes'] / 2**30:.1f} GiB"))
+        if bf16 and t["path"] == "sparse" and t["precision"].startswith("bf16"):
+            counted = t["tokens_per_s"] * t["flops_per_token"] / 1e9
+            rows.append(BenchRow("gpu", f"counted rate 12·L·D, {case}", counted, "GFLOP/s",
+                                 "bf16 matmul rate of the card, same run", bf16 * 1e3,
+                                 throughput_ratio(counted, bf16 * 1e3), None, dev, "latency-bound at this size"))
+    fve = {f["precision"]: f for f in r.get("fve", [])}
+    if "bf16 autocast" in fve and "fp32" in fve:
+        b, f = fve["bf16 autocast"], fve["fp32"]
+        rows.append(BenchRow("gpu", f"crosscoder L={b['dict_size']:,}, {b['steps'] * BATCH:,} tokens: held-out FVE A, "
+                             "bf16 autocast", b["heldout"]["fve_a"], "FVE", "the same in fp32", f["heldout"]["fve_a"],
+                             throughput_ratio(b["heldout"]["fve_a"], f["heldout"]["fve_a"]), None, dev,
+                             f"wall {b['wall_s']:.0f} s vs {f['wall_s']:.0f} s"))
+    align = r.get("align", [])
+    for a in align:
+        if a["device"] != "cuda":
+            continue
+        for base in (u for u in align if u["n"] == a["n"] and u["device"] == "cpu"):
+            label = ("same code on the CPU" if base["method"] == "sparse" else "scipy dense on the CPU") + \
+                f" ({base['threads']} threads)"
+            rows.append(BenchRow("gpu", f"assignment, {a['n']:,} planted features, d {ALIGN_D}", a["seconds"], "s",
+                                 label, base["seconds"], speedup(a["seconds"], base["seconds"]), None, dev,
+                                 f"planted pairs recovered {a['shared_recovered']:.2%}"))
+    return rows
+
+
+def summary_rows(size: str, work: Path, threads: int, log: Callable[[str], None]) -> list:
+    """The ``gpu`` part of ``diffkit bench all --full`` (CUDA machines only): :func:`run_gpu_benchmark`'s rows."""
+    result = run_gpu_benchmark(Path(work), quick=size != "full", log=log)
+    if result.get("errors"):
+        log("  rows that failed: " + "; ".join(result["errors"]))
+    return gpu_rows(result)
+
+
 if __name__ == "__main__":
     import argparse
 
