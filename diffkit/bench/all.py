@@ -164,8 +164,8 @@ def _child_main(spec_json: str) -> None:
     except DiffkitError as exc:
         result = {"status": "failed", "message": str(exc)}
     except Exception as exc:  # a part's crash is a finding for the report, not the end of the run
-        tb = traceback.format_exc().strip().splitlines()
-        result = {"status": "failed", "message": f"{type(exc).__name__}: {exc} (at {tb[-3].strip() if len(tb) > 2 else '?'})"}
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        result = {"status": "failed", "message": f"{type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"}
     result["peak_rss_bytes"] = max_rss_bytes()
     atomic_write_json(Path(spec["result"]), result)
 
@@ -193,6 +193,10 @@ def run_part(name: str, target: str, size: str, work: Path, threads: int, timeou
                                 env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
+        except KeyboardInterrupt:  # its own session does not get the terminal's Ctrl-C: stop it, then stop
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the part's own process group only
             proc.wait()
