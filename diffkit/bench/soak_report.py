@@ -46,7 +46,7 @@ def format_soak_report(result: SoakResult, command: str, machine: str) -> str:
                           for a in c.attempts)
         problems = "; ".join(c.mismatches + c.torn + c.leftovers + c.failures) or "none"
         lines.append(f"| {c.cycle} | {c.stage} | {steps} | {problems} |")
-    lines += ["", "## Bugs this run found (fixed)", "",
+    lines += ["", "## Bugs the soak found while it was built (fixed since)", "",
               "- `collect --resume` after a kill before the first manifest was written refused (`does not exist "
               "or is empty; drop --resume`), and a run killed while its first manifest was still `manifest.json.tmp` "
               "could be neither resumed nor overwritten. A resume with nothing to resume now starts afresh.",
