@@ -49,7 +49,8 @@ def format_soak_report(result: SoakResult, command: str, machine: str) -> str:
     lines += ["", "## Bugs the soak found while it was built (fixed since)", "",
               "- `collect --resume` after a kill before the first manifest was written refused (`does not exist "
               "or is empty; drop --resume`), and a run killed while its first manifest was still `manifest.json.tmp` "
-              "could be neither resumed nor overwritten. A resume with nothing to resume now starts afresh.",
+              "could be neither resumed nor overwritten. `--resume` of an empty or temp-only folder now starts afresh "
+              "(a missing folder still says `drop --resume`, and the soak then repeats the command without it).",
               "- `crosscoder train --resume` after a kill between the final checkpoint and `train_summary.json` "
               "wrote the final held-out line of `metrics.jsonl` twice and an empty `last_train_log` (weights "
               "were bitwise equal). The resume now drops the old final line and keeps the last train log; a "
