@@ -88,8 +88,10 @@ def rows_table(rows: list[BenchRow], notes: list[str]) -> list[str]:
             extra.append(f"⚠ {problem}")
         mark = ""
         if extra:
-            notes.append("; ".join(extra))
-            mark = f" [{len(notes)}]"
+            text = "; ".join(extra)
+            if text not in notes:  # the same note under several rows: one footnote
+                notes.append(text)
+            mark = f" [{notes.index(text) + 1}]"
         lines.append(f"| {_cell(r.benchmark)} | {_cell(r.case)}{mark} | {fmt_value(r.figure, r.unit)} | "
                      f"{_cell(r.baseline or '—')} | {fmt_value(r.baseline_figure, r.unit)} | {fmt_ratio(r)} | "
                      f"{fmt_bytes(r.peak_rss_bytes)} | {_cell(r.device)} |")
