@@ -452,7 +452,7 @@ def run_crosscoder_cases(cfg: ScaleConfig, work: Path, threads: int, log: Callab
     log(f"  {small_bytes / 2**30:.2f} GiB; tiling it {repeats}× into a {repeats * small_bytes / 2**30:.1f} GiB store "
         f"(RAM {ram_bytes / 2**30:.1f} GiB) ...")
     t0 = time.perf_counter()
-    tile_store(small, big, repeats, log=log if repeats >= 4 else (lambda _: None))
+    tile_store(small, big, repeats)  # its own progress bar (stderr) when there are many copies
     os.sync()
     log(f"  written in {time.perf_counter() - t0:.0f} s")
     runs = []
