@@ -98,6 +98,10 @@ DEFAULT_THRESHOLD = 0.5
 RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
 COSTS = ("cosine", "corr", "blend")
 SPLITS = ("all", "train", "heldout")
+# The statistics pass holds a few (rows, d_sae) feature matrices at once (each SAE's encoding, its
+# float64 copies for the sums): rows per batch are capped so one matrix stays near 2^26 elements
+# (256 MiB in float32). At 65,536 features a 4096-row batch made the pass peak at 13 GiB.
+STAT_PASS_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,9 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
     pa = torch.from_numpy(pairs[0]) if pairs is not None else None
     pb = torch.from_numpy(pairs[1]) if pairs is not None else None
     row0, n = 0, store.n_tokens(cfg.split)
-    batches = store.iter_batches(cfg.batch_size, split=cfg.split, shuffle=False, drop_last=False, normalized=False)
-    for xa, xb in tqdm(batches, total=-(-n // cfg.batch_size), desc="encode", unit="batch", disable=not progress):
+    rows_per_batch = min(cfg.batch_size, max(256, STAT_PASS_ELEMENTS // max(n_a, n_b)))
+    batches = store.iter_batches(rows_per_batch, split=cfg.split, shuffle=False, drop_last=False, normalized=False)
+    for xa, xb in tqdm(batches, total=-(-n // rows_per_batch), desc="encode", unit="batch", disable=not progress):
         fa, fb = sae_a.encode(xa, scale_a), sae_b.encode(xb, scale_b)
         rows = torch.arange(row0, row0 + len(fa))
         for s, f in (("a", fa), ("b", fb)):
