@@ -3,7 +3,8 @@
 For each stage (``collect``, ``align``, ``crosscoder train``) on the zoo pair (``zoo:base`` vs
 ``zoo:finetuned``), the reference artifact is first produced by one uninterrupted subprocess.
 Then, cycle after cycle, the same command runs in a fresh directory and is SIGKILLed at a random
-time (seeded RNG, uniform over the reference run's duration); the command is repeated -- with
+time (seeded RNG; with probability ``late_kill`` uniform between the moment the reference run's output
+folder appeared and its end, else over the whole run); the command is repeated -- with
 ``--resume`` for collect and crosscoder train, plainly for align, which has no resume and must
 write atomically -- and each repeat may itself be killed, until one completes. Checked:
 
@@ -59,6 +60,9 @@ class SoakConfig:
     checkpoint_every: int = 5
     kill_again: float = 0.5         # probability that a repeat is killed too...
     max_kills: int = 3              # ...at most this many kills per cycle and stage
+    late_kill: float = 0.6          # probability that a kill lands after the output folder appeared (the
+    #                                 reference's time for it), not anywhere in the run: most of a short run
+    #                                 is imports and model loading, which a uniform kill time mostly hits
     stages: tuple[str, ...] = STAGES
 
 
@@ -71,6 +75,7 @@ class Attempt:
     seconds: float
     peak_rss_bytes: int
     stderr_tail: str = ""
+    first_output_s: float | None = None  # when the output folder first existed
 
 
 @dataclass
@@ -153,14 +158,18 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
-def run_attempt(cmd: list[str], threads: int, kill_at: float | None, resume: bool) -> Attempt:
-    """Run ``cmd``; SIGKILL it (its whole session) ``kill_at`` seconds after the start unless it ends first."""
+def run_attempt(cmd: list[str], threads: int, kill_at: float | None, resume: bool,
+                watch: Path | None = None) -> Attempt:
+    """Run ``cmd``; SIGKILL it (its whole session) ``kill_at`` seconds after the start unless it ends first.
+    ``watch``: the output folder, whose first appearance is timed."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(threads),
                             start_new_session=True)
-    peak, killed = 0, False
+    peak, killed, first = 0, False, None
     while proc.poll() is None:
         peak = max(peak, _vm_hwm(proc.pid))
+        if watch is not None and first is None and watch.exists():
+            first = time.perf_counter() - t0
         if kill_at is not None and time.perf_counter() - t0 >= kill_at:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the session this call started, nothing else
@@ -173,7 +182,7 @@ def run_attempt(cmd: list[str], threads: int, kill_at: float | None, resume: boo
     seconds = time.perf_counter() - t0
     killed = killed and proc.returncode == -signal.SIGKILL
     tail = "" if killed else err.decode(errors="replace").strip()[-400:]
-    return Attempt(resume, kill_at, killed, proc.returncode, seconds, peak, tail)
+    return Attempt(resume, kill_at, killed, proc.returncode, seconds, peak, tail, first)
 
 
 # -- comparisons ----------------------------------------------------------------------------------
@@ -271,14 +280,18 @@ def run_soak(cfg: SoakConfig, work: Path, log: Callable[[str], None] = print) ->
         shutil.rmtree(old, ignore_errors=True)
     ref_dir.mkdir(parents=True)
     ref_store = ref_dir / "collect"
-    ref_s, ref_rss = {}, {}
+    ref_s, ref_rss, ref_first = {}, {}, {}
     for stage in ("collect", *[s for s in cfg.stages if s != "collect"]):
         out = ref_dir / stage
-        attempt = run_attempt(stage_command(stage, out, ref_store, cfg), cfg.threads, None, False)
+        attempt = run_attempt(stage_command(stage, out, ref_store, cfg), cfg.threads, None, False, watch=out)
         if attempt.returncode != 0:
             raise RuntimeError(f"reference {stage} failed: {attempt.stderr_tail}")
         ref_s[stage], ref_rss[stage] = attempt.seconds, attempt.peak_rss_bytes
+        ref_first[stage] = min(attempt.first_output_s or 0.0, 0.9 * attempt.seconds) / attempt.seconds  # fraction
         log(f"reference {stage}: {attempt.seconds:.1f} s")
+    # The kill window ends at the fastest complete fresh run seen so far: the reference, a cold first start,
+    # can be 40% slower than the later runs, and kills past their end interrupt nothing.
+    fastest = dict(ref_s)
     cycles = []
     for i in range(cfg.cycles):
         for stage in cfg.stages:
@@ -289,7 +302,8 @@ def run_soak(cfg: SoakConfig, work: Path, log: Callable[[str], None] = print) ->
             while True:
                 kills = sum(a.killed for a in sc.attempts)
                 kill = kills == 0 or (kills < cfg.max_kills and rng.random() < cfg.kill_again)
-                kill_at = float(rng.uniform(0.05, 1.0) * ref_s[stage]) if kill else None
+                lo = ref_first[stage] if rng.random() < cfg.late_kill else 0.05
+                kill_at = float(rng.uniform(lo, 1.0) * fastest[stage]) if kill else None
                 attempt = run_attempt(cmd + (["--resume"] if resume else []), cfg.threads, kill_at, resume)
                 sc.attempts.append(attempt)
                 if attempt.killed:
@@ -300,6 +314,8 @@ def run_soak(cfg: SoakConfig, work: Path, log: Callable[[str], None] = print) ->
                     # (otherwise both commands say "drop --resume": nothing was started)
                     resume = RESUMABLE[stage] and out.exists()
                     continue
+                if attempt.returncode == 0 and not resume:
+                    fastest[stage] = min(fastest[stage], attempt.seconds)
                 if attempt.returncode != 0:
                     sc.failures.append(f"exit {attempt.returncode}: {attempt.stderr_tail.splitlines()[-1:]}")
                 break
@@ -314,10 +330,10 @@ def run_soak(cfg: SoakConfig, work: Path, log: Callable[[str], None] = print) ->
 
 
 def soak_config(size: str, cycles: int | None = None, seed: int = 0, threads: int = 1) -> SoakConfig:
-    """``small``: ~2 minutes (the share of ``diffkit bench all``); ``full``: ~12 minutes, 30+ interruptions."""
+    """``small``: ~2 minutes (the share of ``diffkit bench all``); ``full``: ~5 minutes, 30+ interruptions."""
     if size not in ("small", "full"):
         raise ValueError(f"size {size!r}: use 'small' or 'full'")
-    default = 2 if size == "small" else 12
+    default = 2 if size == "small" else 10
     return SoakConfig(cycles=default if cycles is None else cycles, seed=seed, threads=threads)
 
 

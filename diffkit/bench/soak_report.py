@@ -17,7 +17,9 @@ def format_soak_report(result: SoakResult, command: str, machine: str) -> str:
              f"Regenerate with `{command}` ({result.seconds / 60:.1f} minutes on {machine}).", "",
              "Each stage's real CLI command on the zoo pair (`zoo:base` vs `zoo:finetuned`) first runs "
              "uninterrupted (the reference). Then, per cycle, the same command runs in a fresh directory, is "
-             "SIGKILLed at a random time (seeded; uniform over the reference's duration), and is repeated — with "
+             f"SIGKILLed at a random time (seeded; with probability {cfg.late_kill} uniform between the moment the "
+             "reference's output folder appeared and its end — so most kills hit the writing, not the imports "
+             "— else uniform over the whole run), and is repeated — with "
              "`--resume` for collect and crosscoder train; align has no resume and must write atomically — "
              f"each repeat killed again with probability {cfg.kill_again} (at most {cfg.max_kills} kills), until "
              "one completes. The finished artifact is compared with the reference: sha256 of every store file "
