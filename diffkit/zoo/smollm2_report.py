@@ -102,6 +102,11 @@ def write_smollm2_report(cfg: Smollm2Config, out: Path, work: Path, results: dic
     loss_df = pd.DataFrame([{"model": m, "prose": losses[k]["prose"], "code": losses[k]["code"]}
                             for k, m in (("base", "zoo:smollm2"), ("finetuned", "fine-tuned on code"))])
     pre += tables.add("losses", loss_df)
+    d_code = losses["finetuned"]["code"] - losses["base"]["code"]
+    d_prose = losses["finetuned"]["prose"] - losses["base"]["prose"]
+    pre += [f"The fine-tune changes held-out loss by {d_code:+.3f} nats/token on code and {d_prose:+.3f} on prose "
+            "(the prose corpus, Python's own pydoc topics, is documentation about Python and holds code examples, so "
+            "a code fine-tune may help it too).", ""]
     ft = results["finetune"]["train_loss"]
     if ft:
         pre += [f"Fine-tune training loss: first step {ft[0]:.3f}, mean of the last 10 steps "
