@@ -126,8 +126,8 @@ def store_info(path):
     m = st.manifest
     click.echo(repr(st))
     for src in ("a", "b"):
-        s = m["sources"][src]
-        click.echo(f"  {src.upper()}: {s['spec']} ({s['source']}) hook {s['hook']} d_model {s['d_model']} "
+        s = m["sources"][src]  # spec / source are descriptive: a store written by other tools may lack them
+        click.echo(f"  {src.upper()}: {s.get('spec', '?')} ({s.get('source', '?')}) hook {st.hook(src)} d_model {st.d_model(src)} "
                    f"scale {st.scale(src):.4g}")
     size = sum(f["bytes"] for sh in m["shards"] for f in sh["files"].values())
     cfg = m["config"]
@@ -159,6 +159,9 @@ def zoo_list():
         built = "built" if (ARTIFACTS / name / "model").exists() else "not built"
         click.echo(f"zoo:{name:<11} d_model {recipe.d_model:<4} {recipe.description} [{built}]")
     click.echo(f"each has a TopK SAE at {SAE_HOOK} (sae-lens format): {ARTIFACTS}/NAME/sae")
+    from .zoo import smollm2
+
+    click.echo(smollm2.list_line())
 
 
 @zoo.command("info")
@@ -176,6 +179,9 @@ def zoo_info():
         loaded = load_model(f"zoo:{name}")
         losses = heldout_losses(loaded.model, loaded.model.cfg.n_ctx)
         click.echo(f"zoo:{name:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}")
+    from .zoo import smollm2
+
+    click.echo(smollm2.info_line())
 
 
 @zoo.command("build")
@@ -183,11 +189,30 @@ def zoo_info():
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: the package's own zoo/artifacts).")
 @click.option("--saes-only", is_flag=True, help="Keep the trained models; retrain only their SAEs (~2 min).")
-def zoo_build(names, out, saes_only):
-    """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores)."""
+@click.option("--size", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="smollm2 only: the budget (cpu ~25 min on 2 cores; gpu >= 10M tokens, 16k SAEs).")
+@click.option("--device", default=None, help="smollm2 only: torch device (default: the size's, cpu or cuda).")
+@click.option("--threads", type=int, default=None, help="smollm2 only: torch threads (default: the size's).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="smollm2 only: large artifacts (default runs/smollm2-SIZE); a rerun resumes there.")
+@click.option("--overwrite", is_flag=True, help="smollm2 only: discard --work and start again.")
+@click.option("--dry-run", is_flag=True, help="smollm2 only: check the GGUF, save and print the config and plan.")
+def zoo_build(names, out, saes_only, size, device, threads, work, overwrite, dry_run):
+    """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores).
+
+    `diffkit zoo build smollm2 --out DIR` instead fine-tunes SmolLM2-135M on Python source and runs the
+    whole diff (SAEs, align, crosscoder, compare, report) on it and the original.
+    """
     from .zoo import ZOO_MODELS
     from .zoo.build import build_zoo
 
+    if "smollm2" in names:
+        from .zoo.smollm2_build import cli_build
+
+        if len(names) > 1:
+            raise DiffkitError("build smollm2 on its own: diffkit zoo build smollm2 --out DIR")
+        cli_build(out, size, device, threads, work, overwrite, dry_run, log=click.echo)
+        return
     for name in names:
         if name not in ZOO_MODELS:
             raise DiffkitError(f"unknown zoo model {name!r}: choose from {', '.join(ZOO_MODELS)}")
@@ -495,6 +520,87 @@ def bench_gpu(out, quick, deadline):
     with tempfile.TemporaryDirectory() as tmp:
         result = run_gpu_benchmark(Path(tmp), quick=quick, deadline_s=deadline, log=click.echo)
     click.echo(f"report written to {write_gpu_report(result, out)}")
+
+
+@bench.command("soak")
+@click.option("--cycles", type=int, default=None, help="Kill/resume cycles per stage [default: 2 small, 10 --full].")
+@click.option("--full", is_flag=True, help="The long run (~5 minutes, 30+ interruptions) behind the committed report.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the kill times.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads of every stage's process.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/soak.md"), show_default=True,
+              help="Markdown report; the raw tally goes beside it as .json.")
+@click.option("--work", type=click.Path(path_type=Path), default=None, help="Working folder (default: a temp dir).")
+def bench_soak(cycles, full, seed, threads, out, work):
+    """Soak run: collect, align and crosscoder train on the zoo SIGKILLed at random points, resumed until
+    done, and compared with an uninterrupted run (store checksums, table contents, bitwise weights)."""
+    import tempfile
+
+    from .bench.machine import machine_info
+    from .bench.soak import run_soak, soak_config
+    from .bench.soak_report import write_soak_report
+
+    if cycles is not None and cycles < 1:
+        raise DiffkitError(f"--cycles must be at least 1, got {cycles}")
+    cfg = soak_config("full" if full else "small", cycles=cycles, seed=seed, threads=threads)
+    info = machine_info(threads)
+    machine = f"{info.cpu_model}, {info.cpus_usable} usable cores, {threads} thread(s)"
+    with tempfile.TemporaryDirectory(prefix="diffkit-soak-") as tmp:
+        result = run_soak(cfg, Path(work) if work else Path(tmp), log=click.echo)
+    import shlex
+
+    command = "diffkit " + shlex.join(sys.argv[1:])  # as typed (_command_line names only the leaf group)
+    path = write_soak_report(result, out, command, machine)
+    bad = {k: sum(t[k] for t in result.tally().values()) for k in ("mismatches", "torn", "leftovers", "failures")}
+    click.echo(f"{sum(t['interruptions'] for t in result.tally().values())} interruptions survived; {bad}; "
+               f"{result.seconds:.0f} s; report written to {path}")
+
+
+@bench.command("all")
+@click.option("--full", is_flag=True, help="Every part at its full size, and the GPU benchmark where CUDA is present.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads in every part.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/README.md"),
+              show_default=True, help="The summary report; summary.json goes beside it.")
+@click.option("--only", default="", help="Comma-separated parts to run (the others are listed as not run).")
+def bench_all(full, threads, out, only):
+    """Every benchmark, each against its baseline from the same run, in one report.
+
+    About 10 minutes on 2 cores (small size); one line per part with its time. Exit status 1 when a
+    part failed or is missing.
+    """
+    from .bench.all import AllConfig, failed_parts, run_all, write_summary
+
+    cfg = AllConfig(size="full" if full else "small", threads=threads, out=str(out),
+                    only=tuple(n.strip() for n in only.split(",") if n.strip()))
+    summary = run_all(cfg, log=click.echo)
+    click.echo(f"{summary['seconds']:.0f} s in all; report written to {write_summary(summary, out)}")
+    bad = failed_parts(summary)
+    if bad:
+        click.echo(f"error: {len(bad)} part(s) failed or missing: {', '.join(bad)} (see the report)", err=True)
+        raise SystemExit(1)
+
+
+@bench.command("scale")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/scale.md"), show_default=True,
+              help="Markdown report; the figures go beside it as .json.")
+@click.option("--full", is_flag=True, help="The issue's size: align on 16,384 and 65,536 features at d 2304, and a "
+              "crosscoder store larger than RAM (~20 min on 2 cores, disk: 1.1 × RAM).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads in every measurement.")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Scratch directory for stores and SAEs (default: a temporary directory, emptied after).")
+def bench_scale(out, full, threads, work):
+    """Whole `diffkit align` on wide planted SAEs (vs scipy dense) and a 32k-latent crosscoder's peak memory on two
+    store sizes. Default size about 2.5 minutes on 2 cores."""
+    import tempfile
+
+    from .bench.scale import run_scale_benchmark
+    from .bench.scale_report import write_scale_report
+
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="diffkit-scale-", dir=work) as tmp:
+        result, rows = run_scale_benchmark("full" if full else "small", Path(tmp), threads=threads, log=click.echo)
+    md, js = write_scale_report(result, rows, out)
+    click.echo(f"{result.seconds:.0f} s; report written to {md} (+ {js.name})")
 
 
 from baselines.crosscoder.cli import bench_crosscoder, crosscoder  # noqa: E402  (crosscoder baseline)

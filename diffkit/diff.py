@@ -303,7 +303,8 @@ def store_tokenizer(store: Any) -> Any:
 
     spec = str(store.manifest["sources"]["a"].get("spec", ""))
     tok = store.manifest["sources"]["a"].get("tokenizer")
-    if spec.startswith(("zoo:", "planted:")) or tok in (None, ByteTokenizer.name) or "byte" in str(tok):
+    byte_zoo = spec.startswith(("zoo:", "planted:")) and spec != "zoo:smollm2"  # zoo:smollm2 has its own tokenizer
+    if byte_zoo or tok in (None, ByteTokenizer.name) or "byte" in str(tok):
         return ByteTokenizer()
     try:
         from .models import load_model
