@@ -70,21 +70,11 @@ class CrosscoderBench:
 
 def matmul_rates(threads: int, dict_size: int, d: int, repeats: int = 5) -> dict[str, float]:
     """GFLOP/s of fp32 ``torch.mm`` for a 2048³ square and for the encoder shape (best of ``repeats``)."""
-    import torch
+    from diffkit.bench.baselines import gemm_gflops
 
-    torch.set_num_threads(threads)
-    out = {}
-    for name, (m, k, n) in {"square 2048³": (2048, 2048, 2048), f"encoder {BATCH}×{d} @ {d}×{dict_size}":
-                            (BATCH, d, dict_size)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * m * k * n / best / 1e9
-    return out
+    shapes = {"square 2048³": (2048, 2048, 2048), f"encoder {BATCH}×{d} @ {d}×{dict_size}": (BATCH, d, dict_size)}
+    return {name: gemm_gflops(m, k, n, "float32", threads=threads, repeats=repeats)
+            for name, (m, k, n) in shapes.items()}
 
 
 def _child(spec: dict) -> dict:

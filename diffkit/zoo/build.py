@@ -62,11 +62,16 @@ def heldout_losses(model: Any, ctx: int = 128) -> dict[str, float]:
     return out
 
 
+def warmup_cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to a tenth of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def _lr_at(step: int, recipe: ModelRecipe) -> float:
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, recipe.lr, recipe.warmup_steps, recipe.steps)
 
 
 def train_model(recipe: ModelRecipe, init_state: dict | None = None, progress: Callable | None = None) -> Any:

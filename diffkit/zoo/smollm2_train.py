@@ -7,7 +7,6 @@ loads from the directory it saves), so the fine-tuned model is a plain HF direct
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -75,10 +74,9 @@ def heldout_losses(model_dir: Path, base_dir: Path, cfg: Smollm2Config) -> dict[
 
 
 def _lr(step: int, cfg: Smollm2Config) -> float:
-    if step < cfg.ft_warmup:
-        return cfg.ft_lr * (step + 1) / cfg.ft_warmup
-    progress = (step - cfg.ft_warmup) / max(1, cfg.ft_steps - cfg.ft_warmup)
-    return cfg.ft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    from .build import warmup_cosine_lr  # the zoo recipes' schedule
+
+    return warmup_cosine_lr(step, cfg.ft_lr, cfg.ft_warmup, cfg.ft_steps)
 
 
 def finetune(base_dir: Path, out_dir: Path, cfg: Smollm2Config,
