@@ -82,12 +82,15 @@ def main() -> None:
               help="Storage dtype of activations.")
 @click.option("--heldout-every", type=int, default=10, show_default=True,
               help="Every N-th sequence goes to the held-out split (0: none).")
+@click.option("--max-norm-ratio", type=float, default=0.0, show_default=True,
+              help="Leave out tokens whose activation norm (either model) exceeds this multiple of their "
+              "sequence's median norm: the 'massive activations' of some LMs (try 10). 0 keeps every token.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, ctx, seed, batch_size, shard_mb,
-            dtype, heldout_every, device, resume, overwrite, quiet):
+            dtype, heldout_every, max_norm_ratio, device, resume, overwrite, quiet):
     """Run two models on the same tokens and store their activations (an ActivationStore).
 
     Each model runs only up to the layer of its hook. BOS and padding positions are not stored.
@@ -98,12 +101,14 @@ def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, c
 
     cfg = CollectConfig(model_a=model_a, model_b=model_b, hook_a=hook, hook_b=hook_b or hook, corpus=corpus,
                         tokens=tokens, corpus_split=corpus_split, ctx=ctx, seed=seed, batch_size=batch_size,
-                        shard_mb=shard_mb, dtype=dtype, heldout_every=heldout_every)
+                        shard_mb=shard_mb, dtype=dtype, heldout_every=heldout_every, max_norm_ratio=max_norm_ratio)
     summary = collect_activations(cfg, out, resume=resume, overwrite=overwrite, device=_device(device),
                                   progress=not quiet, log=click.echo)
     click.echo(f"stored {summary.tokens:,} tokens (train {summary.train_tokens:,}, held-out "
                f"{summary.heldout_tokens:,}) in {summary.shards} shards, {_human_bytes(summary.bytes)}, at {out}")
     click.echo(f"normalization scale  A: {summary.scale_a:.4g}  B: {summary.scale_b:.4g}  (sqrt(d)/mean norm)")
+    if max_norm_ratio:
+        click.echo(f"left out {summary.massive_dropped:,} tokens above {max_norm_ratio:g}x their sequence's median norm")
     if summary.heldout_tokens == 0:
         click.echo(f"note: no held-out tokens (every {heldout_every}th sequence is held out, and this store has fewer): "
                    "fitted maps cannot be scored on it; collect more --tokens or lower --heldout-every")

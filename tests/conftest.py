@@ -23,8 +23,11 @@ def pytest_configure(config):
 
 
 def make_checkpoint(path: Path, d_model: int = 32, n_layers: int = 2, seed: int = 0, n_ctx: int = 64,
-                    nan_byte: int | None = None) -> Path:
-    """Save a random-init TransformerLens model as a diffkit checkpoint (real files, real loader)."""
+                    nan_byte: int | None = None, massive_byte: int | None = None) -> Path:
+    """Save a random-init TransformerLens model as a diffkit checkpoint (real files, real loader).
+
+    ``massive_byte``: that token's embedding is scaled 1000x, a planted "massive activation".
+    """
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -38,6 +41,9 @@ def make_checkpoint(path: Path, d_model: int = 32, n_layers: int = 2, seed: int 
     if nan_byte is not None:
         with torch.no_grad():
             model.embed.W_E[nan_byte] = float("nan")
+    if massive_byte is not None:
+        with torch.no_grad():
+            model.embed.W_E[massive_byte] *= 1000.0
     save_checkpoint(model, ByteTokenizer(), path)
     return path
 

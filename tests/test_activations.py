@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import small_config
+from conftest import make_checkpoint, small_config
 from diffkit.activations import ActivationStore, collect_activations, is_heldout
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
@@ -276,7 +276,8 @@ def test_config_validation():
 
     base = dict(model_a="a", model_b="b", hook_a="h", hook_b="h", corpus="prose", tokens=10)
     for bad, match in (({"tokens": 0}, "--tokens"), ({"dtype": "int8"}, "--dtype"),
-                       ({"heldout_every": 1}, "--heldout-every"), ({"batch_size": 0}, "--batch-size")):
+                       ({"heldout_every": 1}, "--heldout-every"), ({"batch_size": 0}, "--batch-size"),
+                       ({"max_norm_ratio": 1.0}, "--max-norm-ratio"), ({"max_norm_ratio": -2}, "--max-norm-ratio")):
         with pytest.raises(DiffkitError, match=match):
             CollectConfig(**{**base, **bad})
 
@@ -308,3 +309,38 @@ def test_resume_refuses_changed_model_weights(tiny_models, tmp_path):
     make_checkpoint(model_b, d_model=48, seed=7)  # same path, other weights
     with pytest.raises(DiffkitError, match="model B weights_sha256 differ"):
         collect_activations(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def _rows_and_tokens(store: ActivationStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All rows of a store in shard order (a, b) and the token id each row belongs to."""
+    a, b, tok = [], [], []
+    for s in range(store.n_shards):
+        ids, pos = np.asarray(store._array(s, "ids")), np.asarray(store._array(s, "pos"))
+        a.append(np.asarray(store._array(s, "a")))
+        b.append(np.asarray(store._array(s, "b")))
+        tok.append(ids.reshape(-1)[pos])
+    return np.concatenate(a), np.concatenate(b), np.concatenate(tok)
+
+
+def test_massive_activation_tokens_are_left_out(tiny_models, tmp_path):
+    """A planted massive activation (one token's embedding x1000 in model B) is dropped by
+    --max-norm-ratio, and nothing else: the kept rows are exactly the unfiltered store's other rows."""
+    massive = ord("e")
+    models = {**tiny_models, "b": str(make_checkpoint(tmp_path / "massive", d_model=48, seed=1,
+                                                      massive_byte=massive))}
+    collect_activations(small_config(models), tmp_path / "plain", progress=False)
+    summary = collect_activations(small_config(models, max_norm_ratio=20), tmp_path / "filtered", progress=False)
+    plain, filtered = ActivationStore.open(tmp_path / "plain"), ActivationStore.open(tmp_path / "filtered")
+    pa, pb, ptok = _rows_and_tokens(plain)
+    fa, fb, ftok = _rows_and_tokens(filtered)
+    keep = ptok != massive
+    assert 0 < (~keep).sum() < len(keep) // 4
+    assert summary.massive_dropped == int((~keep).sum())
+    assert not (ftok == massive).any()
+    np.testing.assert_array_equal(fa, pa[keep])
+    np.testing.assert_array_equal(fb, pb[keep])
+    assert filtered.n_tokens("all") == plain.n_tokens("all") - summary.massive_dropped
+    assert filtered.scale("b") > 5 * plain.scale("b")  # the planted norms no longer set the scale (9x here)
+    # On models without massive activations the same ratio leaves every token in.
+    clean = collect_activations(small_config(tiny_models, max_norm_ratio=20), tmp_path / "clean", progress=False)
+    assert clean.massive_dropped == 0 and clean.tokens == plain.n_tokens("all")
