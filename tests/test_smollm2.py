@@ -137,5 +137,7 @@ def test_stale_stages_follow_the_data_flow():
     assert stale_stages(cfg, replace(cfg, threads=1, device="cuda")) == []
     assert stale_stages(cfg, replace(cfg, sae_lr=1e-3)) == ["saes", "align", "compare"]
     assert stale_stages(cfg, replace(cfg, cc_dict=8192)) == ["crosscoder", "compare"]
+    assert stale_stages(cfg, cfg, unrecorded=("max_norm_ratio",)) == ["collect", "saes", "align", "crosscoder",
+                                                                      "compare"]
     assert stale_stages(cfg, replace(cfg, ft_steps=10)) == ["finetune", "losses", "collect", "saes", "align",
                                                             "crosscoder", "compare"]

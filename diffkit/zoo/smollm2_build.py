@@ -66,16 +66,18 @@ class _Run:
 
 def _check_config(work: Path, cfg: Smollm2Config, log: Callable[[str], None] = print) -> None:
     """Save ``cfg``; on a resume with other options, drop the markers of the stages they reach."""
-    from .smollm2_config import stale_stages
+    from .smollm2_config import FIELD_STAGE, stale_stages
 
     path = work / "config.json"
     if path.exists():
         try:
-            old = Smollm2Config.from_json(json.loads(path.read_text()))
-        except json.JSONDecodeError:
-            raise DiffkitError(f"{path} is not valid JSON: remove {work} or use another --work") from None
-        if old != cfg:
-            stale = stale_stages(old, cfg)
+            saved = json.loads(path.read_text())
+            old = Smollm2Config.from_json(saved)
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            raise DiffkitError(f"{path} is not a valid recipe config: remove {work} or use another --work") from None
+        unrecorded = tuple(name for name in FIELD_STAGE if name not in saved)
+        if old != cfg or unrecorded:
+            stale = stale_stages(old, cfg, unrecorded)
             for name in stale:
                 (work / "stages" / f"{name}.json").unlink(missing_ok=True)
             if stale:
@@ -137,10 +139,11 @@ def _stages(cfg: Smollm2Config, out: Path, work: Path, progress: bool, run: _Run
 
         ccfg = CollectConfig(model_a=MODEL_A, model_b=str(ft_dir), hook_a=cfg.hook, hook_b=cfg.hook, corpus="mixed",
                              tokens=cfg.tokens, ctx=cfg.ctx, seed=cfg.seed, batch_size=cfg.collect_batch,
-                             dtype=cfg.store_dtype)
+                             dtype=cfg.store_dtype, max_norm_ratio=cfg.max_norm_ratio)
         s = collect_activations(ccfg, store_dir, overwrite=store_dir.exists(), device=cfg.device, progress=progress)
         return {"tokens": s.tokens, "train": s.train_tokens, "heldout": s.heldout_tokens, "scale_a": s.scale_a,
-                "scale_b": s.scale_b, "tokens_per_s": s.tokens_per_second, "bytes": s.bytes}
+                "scale_b": s.scale_b, "tokens_per_s": s.tokens_per_second, "bytes": s.bytes,
+                "massive_dropped": s.massive_dropped}
 
     def do_saes() -> dict:
         from ..activations import ActivationStore
