@@ -73,7 +73,7 @@ class CollectConfig:
             raise DiffkitError(f"--dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
         if self.max_norm_ratio < 0 or 0 < self.max_norm_ratio <= 1:
             raise DiffkitError(f"--max-norm-ratio {self.max_norm_ratio} would drop ordinary tokens: use 0 (keep all) "
-                               "or a multiple of the median norm above 1, e.g. 20")
+                               "or a multiple of the median norm above 1, e.g. 10")
         if self.heldout_every < 0 or self.heldout_every == 1:
             raise DiffkitError(f"--heldout-every {self.heldout_every} leaves no training data: use 0 (no "
                                "held-out split) or 2 or more")
