@@ -84,7 +84,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -166,9 +166,20 @@ def effective_encoder_norms(sae: Any) -> np.ndarray:
     return norms.double().numpy()
 
 
+class StatAccumulator(Protocol):
+    """A streamed statistic that rides on align's one pass over the store (no second read of the tokens).
+
+    ``update`` sees each batch once: the raw (unscaled) activations of both models and both SAEs'
+    feature activations on them; whatever it keeps must be bounded by features × width, never tokens.
+    """
+
+    def update(self, xa: Any, xb: Any, fa: Any, fb: Any) -> None: ...
+
+
 def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool, pairs: tuple | None,
-               progress: bool) -> dict:
-    """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs)."""
+               progress: bool, extra: Sequence[StatAccumulator] = ()) -> dict:
+    """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs),
+    and each of ``extra``'s own sums."""
     import torch
     from tqdm import tqdm
 
@@ -206,6 +217,8 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
             full += fa.double().T @ fb.double()
         if pair_sum is not None:
             pair_sum += (fa[:, pa].double() * fb[:, pb].double()).sum(0)
+        for acc_extra in extra:
+            acc_extra.update(xa, xb, fa, fb)
         row0 += len(fa)
     out = {"n": row0, "full": full, "pair_sum": pair_sum}
     for s in ("a", "b"):
@@ -315,8 +328,10 @@ def store_tokenizer(store: Any) -> Any:
 
 
 def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = AlignConfig(), progress: bool = False,
-          log: Callable[[str], None] = lambda _: None) -> FeatureDiff:
-    """Run the training-free diff (module docstring); SAEs are :class:`~diffkit.saes.LoadedSAE`."""
+          log: Callable[[str], None] = lambda _: None, extra: Sequence[StatAccumulator] = ()) -> FeatureDiff:
+    """Run the training-free diff (module docstring); SAEs are :class:`~diffkit.saes.LoadedSAE`.
+
+    ``extra`` statistics are updated in the same pass over the store as align's own."""
     from .saes import check_against_store
 
     t0 = time.perf_counter()
@@ -335,7 +350,7 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
     # One pass over the store either way: a correlation cost needs the full cross sums before the
     # assignment; a cosine cost needs none, so the pass runs after it and sums only the pairs.
     if need_cross:
-        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress)
+        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress, extra=extra)
         t_stats = time.perf_counter()
         extra = correlation(stats["full"].numpy(), stats["a"], stats["b"])
         asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
@@ -348,7 +363,8 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                      progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
-        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=False, pairs=(asg.pair_a, asg.pair_b), progress=progress)
+        stats = _stat_pass(store, sae_a, sae_b, cfg, cross=False, pairs=(asg.pair_a, asg.pair_b), progress=progress,
+                           extra=extra)
         t_stats = time.perf_counter()
         pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
     cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
