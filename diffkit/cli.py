@@ -118,7 +118,7 @@ def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, c
 
 @main.group()
 def store() -> None:
-    """Inspect and check activation stores."""
+    """Inspect, check and import activation stores."""
 
 
 @store.command("info")
@@ -148,6 +148,45 @@ def store_verify(path):
 
     st = ActivationStore.open(path, verify="full")
     click.echo(f"ok: {st.n_shards} shards, every file matches its checksum")
+
+
+@store.command("import")
+@click.option("--a", "a", required=True, help="Model A's activations: .npy or .safetensors[:NAME], (n, d) or (n_seq, ctx, d).")
+@click.option("--b", "b", required=True, help="Model B's activations on the same tokens (d may differ).")
+@click.option("--ids", required=True, help="Token ids: (n,) for (n, d) rows, (n_seq, ctx) for per-position arrays.")
+@click.option("--hook", required=True, help="Hook name of A's activations (SAEs are checked against it).")
+@click.option("--hook-b", default=None, help="Hook name of B's when it differs from --hook.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory of the store.")
+@click.option("--model-a", default="", help="Name recorded for model A [default: imported:FILE].")
+@click.option("--model-b", default="", help="Name recorded for model B.")
+@click.option("--lengths", default=None, help="Per-position arrays: (n_seq,) real tokens per sequence (rest is padding).")
+@click.option("--bos", is_flag=True, help="Per-position arrays: position 0 of each sequence is BOS; leave it out.")
+@click.option("--ctx", type=int, default=128, show_default=True, help="(n, d) rows: rows per sequence (split, contexts).")
+@click.option("--heldout-every", type=int, default=10, show_default=True, help="Every N-th sequence is held out (0: none).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--shard-mb", type=float, default=32.0, show_default=True, help="Target shard size for the wider model.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted import in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def store_import(a, b, ids, hook, hook_b, out, model_a, model_b, lengths, bos, ctx, heldout_every, dtype, shard_mb,
+                 resume, overwrite, quiet):
+    """Build a store from activations computed elsewhere (nnsight, another cache), checked like a collected one.
+
+    \b
+    Example:
+      diffkit store import --a acts_base.npy --b acts_chat.npy --ids tokens.npy \\
+          --hook blocks.6.hook_resid_post --out runs/store --bos
+      diffkit fit-map --acts runs/store --out runs/map
+
+    Streams shard by shard (memory-mapped .npy, sliced .safetensors): the arrays are never loaded whole.
+    """
+    from .store_import import ImportConfig, import_store
+
+    cfg = ImportConfig(a=a, b=b, ids=ids, hook_a=hook, hook_b=hook_b or hook, model_a=model_a, model_b=model_b,
+                       lengths=lengths, bos=bos, ctx=ctx, heldout_every=heldout_every, dtype=dtype, shard_mb=shard_mb)
+    s = import_store(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo)
+    click.echo(f"imported {s.tokens:,} tokens (train {s.train_tokens:,}, held-out {s.heldout_tokens:,}) in {s.shards} "
+               f"shards, {_human_bytes(s.bytes)}, at {out}; scale A {s.scale_a:.4g} B {s.scale_b:.4g} (sqrt(d)/mean norm)")
 
 
 @main.group()
