@@ -69,7 +69,9 @@ def main() -> None:
 @click.option("--hook", required=True, help="Hook of model A, e.g. blocks.0.hook_resid_post.")
 @click.option("--hook-b", default=None, help="Hook of model B when it differs from --hook.")
 @click.option("--corpus", default="mixed", show_default=True,
-              help="prose | code | mixed (shipped with Python), or a text file, a directory, or a .npy of token ids.")
+              help="prose | code | mixed (shipped with Python), a text file, a directory, a .npy of token ids, a .jsonl "
+              "or a quoted glob ('data/*.jsonl', SOURCE#FIELD names the text field), or hf:NAME[:CONFIG][@SPLIT] "
+              "(a Hugging Face dataset, a local data folder or a save_to_disk folder).")
 @click.option("--corpus-split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
               help="Which documents of a corpus to use (the corpus's own document-level split).")
 @click.option("--tokens", type=int, required=True, help="Number of token positions to store (BOS/padding excluded).")
