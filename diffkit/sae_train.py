@@ -55,7 +55,8 @@ class SAETrainConfig:
 
     ``tokens`` is the number of training samples (steps x batch_size; a store smaller than that is
     read for several epochs). The LR schedule is the zoo's known-good one: linear warm-up (at most
-    the steps before the decay), constant, cosine decay to ``lr * lr_end_ratio`` over the last ``decay_fraction`` of the steps.
+    the steps before the decay), constant, then cosine decay to ``lr * lr_end_ratio`` over the last
+    ``decay_fraction`` of the steps.
     ``sparsity_coefficient`` is the L1 coefficient (standard) or the L0 coefficient (jumprelu);
     None takes sae-lens's default. ``k`` is used by topk and batchtopk (mean k per token).
     """
@@ -165,8 +166,9 @@ def _differences(saved: dict, run: dict) -> list[str]:
     return diff + [k for k in run["config"] if k != "checkpoint_every" and old_cfg.get(k) != run["config"][k]]
 
 
-def _prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> tuple[int, Path | None] | dict:
-    """Decide how to start. Returns the finished result (nothing to do), or (steps done, checkpoint dir)."""
+def _prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> tuple[int, Path | None, float] | dict:
+    """Decide how to start. Returns the finished result (nothing to do), or (steps done, checkpoint dir,
+    seconds spent before)."""
     if resume and overwrite:
         raise DiffkitError("--resume and --overwrite contradict each other: pass one of them")
     part = partial_dir(out)
@@ -196,14 +198,18 @@ def _prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> tuple[int, 
                                    "repeat its options or pass --overwrite")
             if (part / LATEST_JSON).exists():
                 latest = read_json_object(part / LATEST_JSON, f"delete {part} and start again")
-                return int(latest["steps"]), part / latest["dir"]
-            return 0, None
+                steps, name = latest.get("steps"), latest.get("dir")
+                if not (isinstance(steps, int) and isinstance(name, str) and (part / name).is_dir()):
+                    raise DiffkitError(f"{part / LATEST_JSON} names no usable checkpoint: pass --overwrite to start "
+                                       "again")
+                return steps, part / name, float(latest.get("seconds", 0.0))
+            return 0, None, 0.0
     part.mkdir(parents=True)
     atomic_write_json(part / RUN_JSON, run)
-    return 0, None
+    return 0, None, 0.0
 
 
-def _checkpoint(trainer: Any, part: Path, steps: int) -> None:
+def _checkpoint(trainer: Any, part: Path, steps: int, seconds: float) -> None:
     """sae-lens's checkpoint under a temporary name, renamed, then named in latest.json; older ones removed."""
     name = f"step_{steps:08d}"
     tmp = part / f"{name}.tmp"
@@ -211,7 +217,7 @@ def _checkpoint(trainer: Any, part: Path, steps: int) -> None:
         shutil.rmtree(tmp)
     trainer.save_checkpoint(checkpoint_name=tmp.name, base_path=part)
     os.replace(tmp, part / name)
-    atomic_write_json(part / LATEST_JSON, {"dir": name, "steps": steps})
+    atomic_write_json(part / LATEST_JSON, {"dir": name, "steps": steps, "seconds": round(seconds, 2)})
     for old in part.glob("step_*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -286,15 +292,21 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
     if isinstance(state, dict):
         log(f"{out} is already trained with these options; nothing to do")
         return state
-    done, ckpt = state
+    done, ckpt, before = state
     part = partial_dir(out)
     sae = build_training_sae(cfg, d_in, device)
     trainer = SAETrainer(cfg=_trainer_config(cfg, device), sae=sae, data_provider=iter(()))
     if cfg.normalize:
         trainer.activation_scaler.scaling_factor = float(scale)
     if ckpt is not None:
-        trainer.load_trainer_state(ckpt)
-        sae.load_weights_from_checkpoint(ckpt)
+        try:
+            trainer.load_trainer_state(ckpt)
+            sae.load_weights_from_checkpoint(ckpt)
+        except Exception as exc:  # noqa: BLE001 - torch.load / safetensors / state-dict errors come in many types
+            from .store_format import first_line
+
+            raise DiffkitError(f"checkpoint {ckpt} does not load ({first_line(exc)}): pass --overwrite to start "
+                               "again") from None
         log(f"resuming {out} at step {done:,} of {cfg.steps:,} from {ckpt}")
     sae.to(device)
     if callable(batches):
@@ -319,7 +331,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
         if trainer.n_training_steps % 25 == 0:
             bar.set_postfix(mse=f"{output.losses['mse_loss'].item():.4g}")
         if trainer.n_training_steps % cfg.checkpoint_every == 0 and trainer.n_training_steps < cfg.steps:
-            _checkpoint(trainer, part, trainer.n_training_steps)
+            _checkpoint(trainer, part, trainer.n_training_steps, before + time.time() - t0)
     bar.close()
     if trainer.activation_scaler.scaling_factor is not None:  # as SAETrainer.fit: fold the scale into the weights
         sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
@@ -340,7 +352,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
         loaded = load_sae(str(tmp), device=device)  # evaluate what was written, read as align reads it
         metrics = evaluate_sae(loaded.sae, heldout() if heldout is not None else [], device)
         record = {**run, "metrics": metrics, "steps": cfg.steps, "device": device,
-                  "seconds": round(time.time() - t0, 2), "diffkit_version": __version__,
+                  "seconds": round(before + time.time() - t0, 2), "diffkit_version": __version__,
                   "sae_lens_version": sae_lens_version, "sae_lens_train_window": {
                       "l0": meta.l0, "dead_latents": meta.num_dead_features}}
         atomic_write_json(tmp / TRAIN_JSON, record)

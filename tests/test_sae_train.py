@@ -134,6 +134,12 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(zoo_store, tmp_path):
         train_sae(stream, 128, cfg, out, **kw)
     with pytest.raises(DiffkitError, match="cannot resume .*lr differ"):
         train_sae(stream, 128, SAETrainConfig(**{**cfg.__dict__, "lr": 1e-3}), out, resume=True, **kw)
+    latest = partial_dir(out) / "latest.json"
+    good = latest.read_text()
+    latest.write_text('{"dir": "step_99999999", "steps": 99}')  # names a checkpoint that is not there
+    with pytest.raises(DiffkitError, match="names no usable checkpoint: pass --overwrite"):
+        train_sae(stream, 128, cfg, out, resume=True, **kw)
+    latest.write_text(good)
     logs = []
     train_sae(stream, 128, cfg, out, resume=True, log=logs.append, **kw)
     assert "step 20 of 30" in logs[0] and not partial_dir(out).exists()
