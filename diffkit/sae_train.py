@@ -410,6 +410,10 @@ def train_sae_from_store(store: Any, source: str, cfg: SAETrainConfig, out: Path
     split = "heldout" if store.n_tokens("heldout") else "train"
     if split == "train":
         log("note: the store has no held-out tokens; the metrics are on its train split")
+    epochs = cfg.steps * cfg.batch_size / max(1, store.n_tokens("train"))
+    if epochs > 1:
+        log(f"note: {cfg.steps * cfg.batch_size:,} training samples from {store.n_tokens('train'):,} train tokens: "
+            f"{epochs:.1f} epochs (reshuffled each); collect more tokens for fewer repeats")
 
     def heldout() -> Iterator[Any]:
         n_batches = max(1, math.ceil(min(eval_tokens, store.n_tokens(split)) / 4096))

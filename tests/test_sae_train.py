@@ -192,3 +192,28 @@ def test_missing_store_and_small_store(tmp_path, zoo_store):
         train_sae_from_store(zoo_store, "a", SAETrainConfig(**{**SMALL, "batch_size": 10_000, "tokens": 10_000}),
                              tmp_path / "s", progress=False)
     assert not partial_dir(tmp_path / "s").exists()
+
+
+def test_same_weights_as_the_zoo_trainer(tmp_path):
+    """Pins the claim that diffkit/zoo/build.py:train_sae can become a thin call of train_sae: on the zoo's
+    settings (raw activations, its batch sampler, its seed) both give bit-identical weights."""
+    import math
+    from dataclasses import replace
+
+    from diffkit.models import load_model
+    from diffkit.zoo.build import sequence_matrix, token_activations, train_sae as zoo_train_sae
+    from diffkit.zoo.recipes import SAE_RECIPE
+
+    model = load_model("zoo:base").model
+    recipe = replace(SAE_RECIPE, corpus="prose", d_sae=128, steps=100, tokens=3000, batch_size=256)
+    zoo_train_sae(model, recipe, "base", tmp_path / "zoo")
+    ids, lengths = sequence_matrix(recipe.corpus, "train", model.cfg.n_ctx, seed=recipe.seed,
+                                   limit=math.ceil(recipe.tokens / (model.cfg.n_ctx - 1)))
+    acts = token_activations(model, recipe.hook, ids, lengths)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    batches = (acts[torch.randint(0, len(acts), (recipe.batch_size,), generator=gen)] for _ in iter(int, 1))
+    cfg = SAETrainConfig(d_sae=recipe.d_sae, k=recipe.k, tokens=recipe.steps * recipe.batch_size,
+                         batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, normalize=False)
+    train_sae(batches, 128, cfg, tmp_path / "ours", recipe.hook, progress=False)
+    zoo, ours = (load_file(str(tmp_path / d / "sae_weights.safetensors")) for d in ("zoo", "ours"))
+    assert zoo.keys() == ours.keys() and all(torch.equal(zoo[k], ours[k]) for k in zoo)
