@@ -272,7 +272,8 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
     ``sqrt(d_in) / mean ||x||`` of the activations (required with ``cfg.normalize``). ``heldout``
     returns an iterable of raw batches for the metrics. ``metadata`` goes into the SAE's cfg.json
     metadata (e.g. ``model_name``), ``inputs`` into sae_train.json (and must match on resume).
-    Returns the ``sae_train.json`` record: config, inputs, ``metrics`` (fve, l0, dead_fraction), seconds.
+    Returns the ``sae_train.json`` record (config, inputs, ``metrics``, seconds) with the metrics also at
+    its top level (``rec["fve"]``, ``rec["l0"]``, ``rec["dead_fraction"]``).
     """
     import torch
     from tqdm import tqdm
@@ -291,7 +292,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
     state = _prepare(out, run, resume, overwrite)
     if isinstance(state, dict):
         log(f"{out} is already trained with these options; nothing to do")
-        return state
+        return {**state, **state.get("metrics", {})}
     done, ckpt, before = state
     part = partial_dir(out)
     sae = build_training_sae(cfg, d_in, device)
@@ -368,7 +369,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(part, ignore_errors=True)
-    return record
+    return {**record, **metrics}
 
 
 def store_batch_stream(store: Any, source: str, batch_size: int, seed: int) -> Callable[[int], Iterator[Any]]:

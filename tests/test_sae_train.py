@@ -52,6 +52,7 @@ def test_trained_sae_loads_in_sae_lens_and_diffkit_alike(zoo_store, trained):
     torch.testing.assert_close(ours.encode(x, zoo_store.scale("a")), ref.encode(x))
     assert int((ref.encode(x) > 0).sum(1).max()) == 16
     m = recs["a"]["metrics"]
+    assert all(recs["a"][k] == m[k] for k in ("fve", "l0", "dead_fraction"))  # also at the top level
     assert m["eval_tokens"] == zoo_store.n_tokens("heldout") and recs["a"]["inputs"]["eval_split"] == "heldout"
     assert m["l0"] == pytest.approx(16.0) and 0 <= m["dead_fraction"] < 0.5
     # an untrained SAE of the same shape explains far less of the held-out variance than the trained one
@@ -157,7 +158,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(zoo_store, tmp_path):
 def test_existing_output_is_kept_unless_overwritten(zoo_store, trained, tmp_path):
     root, recs = trained
     again = train_sae_from_store(zoo_store, "a", SAETrainConfig(**SMALL), root / "sae-a", resume=True, progress=False)
-    assert again == json.loads((root / "sae-a" / "sae_train.json").read_text())  # nothing retrained
+    saved = json.loads((root / "sae-a" / "sae_train.json").read_text())
+    assert again == {**saved, **saved["metrics"]} and again["fve"] == recs["a"]["fve"]  # nothing retrained
     with pytest.raises(DiffkitError, match="other k: pass --overwrite"):
         train_sae_from_store(zoo_store, "a", SAETrainConfig(**{**SMALL, "k": 8}), root / "sae-a", progress=False)
     (tmp_path / "junk").mkdir()

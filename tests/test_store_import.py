@@ -99,6 +99,11 @@ def test_per_row_safetensors_import_fits_a_planted_map(tmp_path):
     assert res.exit_code == 0, res.output
     fit = json.loads((tmp_path / "map" / "map.json").read_text())
     assert fit["n_heldout"] == 300 and fit["scores"]["a_to_b"]["heldout_fve"] > 0.999
+    from diffkit.sae_train import SAETrainConfig, train_sae_from_store  # and an SAE trains on it
+
+    rec = train_sae_from_store(st, "b", SAETrainConfig(d_sae=64, k=8, tokens=256 * 12, batch_size=256),
+                               tmp_path / "sae-b", progress=False)
+    assert rec["hook_name"] == "blocks.3.hook_resid_post" and rec["metrics"]["eval_tokens"] == 300
 
 
 def test_interrupted_import_resumes(zoo_store, tmp_path):
