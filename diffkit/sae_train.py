@@ -46,6 +46,7 @@ TRAIN_JSON = "sae_train.json"
 RUN_JSON = "run.json"
 LATEST_JSON = "latest.json"
 KIND = "diffkit.SAETraining"
+FORMAT_VERSION = 1
 FVE_FORMULA = "1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (raw activations, held-out tokens)"
 
 
@@ -155,8 +156,8 @@ def partial_dir(out: Path) -> Path:
 
 
 def _run_record(cfg: SAETrainConfig, d_in: int, hook_name: str, scale: float | None, inputs: dict) -> dict:
-    return {"kind": KIND, "config": asdict(cfg), "d_in": d_in, "hook_name": hook_name, "scale": scale,
-            "inputs": inputs}
+    return {"kind": KIND, "format_version": FORMAT_VERSION, "config": asdict(cfg), "d_in": d_in,
+            "hook_name": hook_name, "scale": scale, "inputs": inputs}
 
 
 def _differences(saved: dict, run: dict) -> list[str]:
