@@ -28,7 +28,6 @@ per token; ``dead_fraction`` = fraction of latents > 0 on no evaluated token.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -276,7 +275,6 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
     Returns the ``sae_train.json`` record (config, inputs, ``metrics``, seconds) with the metrics also at
     its top level (``rec["fve"]``, ``rec["l0"]``, ``rec["dead_fraction"]``).
     """
-    import torch
     from tqdm import tqdm
     from sae_lens import SAETrainer
     from sae_lens import __version__ as sae_lens_version
