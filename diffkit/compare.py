@@ -116,18 +116,18 @@ def same_store(path: str | Path, store: Any) -> bool:
 
 def read_align_dir(path: str | Path, store: Any, acts: str | Path) -> tuple[dict, dict, Any]:
     """(config.json, summary.json, features table) of a FeatureDiff, checked against ``store``."""
-    from .diff import load_table
+    from .diff import load_diff_json, load_diff_meta, load_table
 
     path = Path(path)
     if not path.is_dir():
         raise DiffkitError(f"--align {path} is not a directory: pass the --out of `diffkit align`")
     table = load_table(path)
-    meta = json.loads((path / "config.json").read_text())
+    meta = load_diff_meta(path)
     made_from = meta.get("inputs", {}).get("acts")
     if made_from is None or not same_store(made_from, store):
         raise DiffkitError(f"--align {path} was made from the store {made_from}, not --acts {acts}: pass --acts "
                            f"{made_from}, or run `diffkit align --acts {acts}` again")
-    return meta, json.loads((path / "summary.json").read_text()), table
+    return meta, load_diff_json(path, "summary.json"), table
 
 
 def check_crosscoder(path: str | Path, store: Any, acts: str | Path) -> dict:
@@ -256,7 +256,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
     """Run the comparison (module docstring) and write it to ``cfg.out``."""
     import torch
 
-    from baselines.crosscoder.analysis import AnalyzeConfig, analyze
+    from baselines.crosscoder.analysis import AnalyzeConfig, analyze, load_latents
     from baselines.crosscoder.model import load as load_crosscoder
 
     from .activations import ActivationStore
@@ -295,9 +295,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
                                      split=cfg.split, tokens=cfg.tokens, exclusive_r=cfg.exclusive_r,
                                      n_contexts=cfg.n_contexts), progress=progress)
     analysis_seconds = time.perf_counter() - t0
-    import pandas as pd
-
-    latents = pd.read_parquet(out / ANALYSIS_DIR / "latents.parquet")
+    latents = load_latents(out / ANALYSIS_DIR)
     model = load_crosscoder(cc_dir)
     blocks = [w.double().numpy() for w in model.split(model.W_dec_LD.detach())]
     live = np.nonzero(~latents["dead"].to_numpy())[0]

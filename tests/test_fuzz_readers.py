@@ -296,7 +296,7 @@ def _store_cases() -> list:
         ("manifest missing", lambda p: (p / M).unlink()),
         ("manifest is a list", lambda p: (p / M).write_text("[1, 2]")),
         ("manifest not utf-8", lambda p: (p / M).write_bytes(b"\xff\xfe{" * 10)),
-        ("wrong version", lambda p: edit_json(p / M, set_at(["format_version"], 2))),
+        ("wrong version", lambda p: edit_json(p / M, set_at(["format_version"], 99))),
         ("version a string", lambda p: edit_json(p / M, set_at(["format_version"], "1"))),
         *[(f"missing {k}", lambda p, k=k: edit_json(p / M, set_at([k], None, delete=True)))
           for k in ("config", "sources", "shards", "complete", "n_tokens", "scale")],
