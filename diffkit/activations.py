@@ -239,7 +239,7 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
                         log: Callable[[str], None] = lambda _: None) -> CollectSummary:
     """Run both models over the corpus and write (or finish) the store at ``out``."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .forward import stop_layer
     from .models import load_model

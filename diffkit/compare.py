@@ -170,7 +170,7 @@ def _sae_reconstruct(loaded: Any, x_raw: Any, scale: float) -> Any:
 
 def sae_pass(store: Any, saes: dict, cfg: CompareConfig, progress: bool) -> dict:
     """FVE and L0 of each SAE on the comparison's split (at most ``cfg.tokens`` tokens)."""
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .metrics import ErrorSums
 

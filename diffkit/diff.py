@@ -181,7 +181,7 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
     """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs),
     and each of ``extra``'s own sums."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     n_a, n_b = sae_a.d_sae, sae_b.d_sae
     scale_a, scale_b = store.scale("a"), store.scale("b")

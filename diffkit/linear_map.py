@@ -152,7 +152,7 @@ class LinearMap:
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, store: Any, progress: bool = False) -> "LinearMap":
         """Fit on ``store``'s train split, score on its held-out split (both streamed shard by shard)."""
-        from tqdm import tqdm
+        from .progress import tqdm
 
         cfg = self.config
         normalized = cfg.space == "normalized"

@@ -174,7 +174,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from itertools import islice
 
     import pandas as pd
-    from tqdm import tqdm
+    from diffkit.progress import tqdm
 
     from diffkit.activations import ActivationStore
 

@@ -345,7 +345,7 @@ def open_store(path: str):
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads: int | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Train a crosscoder as ``cfg`` says; return the final summary (also in ``train_summary.json``)."""
-    from tqdm import tqdm
+    from diffkit.progress import tqdm
 
     if threads:
         torch.set_num_threads(threads)

@@ -370,7 +370,7 @@ def tile_store(src: str | Path, out: str | Path, repeats: int, log: Callable[[st
     Sequence numbers continue across the copies; file records (size, sha256) are the source's, so
     ``ActivationStore.open(out, verify="full")`` checks every copy. The manifest is written last.
     """
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     from ..activations import finish_manifest
     from ..store_format import read_manifest, shard_files, write_manifest
