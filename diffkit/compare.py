@@ -30,7 +30,7 @@ from .agreement import SIDES, agreement, bridge_side, bridge_table
 from .errors import DiffkitError
 
 COMPARE_KIND = "diffkit.Comparison"
-COMPARE_FORMAT_VERSION = 1
+COMPARE_FORMAT_VERSION = 2  # 2: comparison.json sealed (diffkit.io), with the sha256 of every other file
 SUMMARY_FILE = "comparison.json"
 CONFIG_FILE = "compare_config.json"
 ANALYSIS_DIR = "crosscoder-analysis"
@@ -344,12 +344,19 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
         "listed": listed, "contexts": contexts, "formulas": FORMULAS,
         "seconds": {"analysis": analysis_seconds, "bridge": bridge_seconds, "total": time.perf_counter() - t0},
     }
-    summary = _clean(summary)
-    atomic_write_bytes(out / "bridge.csv", bridge.to_csv(index=False).encode())
-    bridge.to_parquet(out / "bridge.parquet.tmp", index=False)
-    (out / "bridge.parquet.tmp").replace(out / "bridge.parquet")
-    atomic_write_bytes(out / "precision_at_k.csv", curves.to_csv(index=False).encode())
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    import io
+
+    from .io import sha256_bytes, sha256_file, write_sealed_json
+
+    buf = io.BytesIO()
+    bridge.to_parquet(buf, index=False)
+    files = {"bridge.csv": bridge.to_csv(index=False).encode(), "bridge.parquet": buf.getvalue(),
+             "precision_at_k.csv": curves.to_csv(index=False).encode()}
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    summary = {**_clean(summary), "sha256": {**{k: sha256_bytes(v) for k, v in files.items()},
+                                             CONFIG_FILE: sha256_file(out / CONFIG_FILE)}}
+    write_sealed_json(out / SUMMARY_FILE, summary)  # sealed, with every other file's sha256; written last
     return Comparison(summary, bridge, curves)
 
 
@@ -384,8 +391,11 @@ def load_comparison(path: str | Path) -> Comparison:
     path = Path(path)
     if not (path / SUMMARY_FILE).exists():
         raise DiffkitError(f"{path} is not a complete comparison (no {SUMMARY_FILE}): run `diffkit compare --out {path}`")
-    summary = json.loads((path / SUMMARY_FILE).read_text())
-    if summary.get("kind") != COMPARE_KIND or summary.get("format_version") != COMPARE_FORMAT_VERSION:
-        raise DiffkitError(f"{path / SUMMARY_FILE} is not a diffkit comparison of format {COMPARE_FORMAT_VERSION}: "
-                           "run `diffkit compare` again")
+    from .io import read_sealed_json, verify_sha256
+
+    fix = f"run `diffkit compare --out {path}` again"
+    summary = read_sealed_json(path / SUMMARY_FILE, COMPARE_KIND, COMPARE_FORMAT_VERSION, fix)
+    sums = summary.get("sha256") if isinstance(summary.get("sha256"), dict) else {}
+    for name in ("bridge.parquet", "precision_at_k.csv"):
+        verify_sha256(path / name, sums.get(name), fix)
     return Comparison(summary, pd.read_parquet(path / "bridge.parquet"), pd.read_csv(path / "precision_at_k.csv"))
