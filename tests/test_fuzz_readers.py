@@ -3,7 +3,8 @@ to exactly the data of the undamaged artifact -- never a traceback, never a sile
 
 Artifacts are real: a store collected from two TransformerLens checkpoints, sae-lens TopK SAEs saved
 with ``save_model``, a fitted LinearMap, a FeatureDiff from ``align``, a crosscoder trained with
-checkpoints, its LatentTable from ``analyze``, and a diffkit model checkpoint. Two passes per reader:
+checkpoints, its LatentTable from ``analyze``, a comparison from ``compare``, and a diffkit model
+checkpoint. Two passes per reader:
 
 - named cases (parametrized): malformed JSON, missing fields, wrong types and versions, counts that
   do not add up, truncated / missing / wrong-dtype / wrong-shape tensors, garbage headers. A named
@@ -99,7 +100,8 @@ class Pristine:
         sae_a = load_sae(str(self["sae"]))
         sae_b = load_sae(str(self.root / "sae_b"))
         diff = align(self.store, sae_a, sae_b, LinearMap.load(self["map"]), AlignConfig())
-        return save_diff(diff, self.root / "diff", {"acts": str(self.store.root)})
+        return save_diff(diff, self.root / "diff", {"acts": str(self.store.root), "sae_a": str(self["sae"]),
+                                                    "sae_b": str(self.root / "sae_b")})
 
     def _build_analysis(self) -> Path:
         from baselines.crosscoder.analysis import AnalyzeConfig, analyze
@@ -107,6 +109,13 @@ class Pristine:
         analyze(AnalyzeConfig(crosscoder=str(self["cc"]), acts=str(self.store.root), out=str(self.root / "analysis"),
                               split="all", n_contexts=1, top_n=2), progress=False)
         return self.root / "analysis"
+
+    def _build_compare(self) -> Path:
+        from diffkit.compare import CompareConfig, compare
+
+        compare(CompareConfig(align=str(self["diff"]), crosscoder=str(self["cc"]), acts=str(self.store.root),
+                              out=str(self.root / "compare"), top=2, n_contexts=1))
+        return self.root / "compare"
 
     def _build_cc(self) -> Path:
         from baselines.crosscoder.train import TrainConfig, train
@@ -162,6 +171,13 @@ def read_diff(path: Path) -> dict:
             "contexts": load_diff_json(path, "contexts.json")}
 
 
+def read_compare(path: Path) -> dict:
+    from diffkit.compare import load_comparison
+
+    c = load_comparison(path)
+    return {"summary": c.summary, "bridge": c.bridge, "curves": c.curves}
+
+
 def read_analysis(path: Path) -> dict:
     from baselines.crosscoder.analysis import load_analysis_summary, load_latents
 
@@ -205,7 +221,7 @@ READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
     "store": ("store", read_store), "store_full": ("store", lambda p: read_store(p, "full")),
     "sae": ("sae", read_sae), "map": ("map", read_map), "diff": ("diff", read_diff),
     "crosscoder": ("cc", read_crosscoder), "run": ("cc", read_run), "model": ("model", read_model),
-    "analysis": ("analysis", read_analysis),
+    "analysis": ("analysis", read_analysis), "compare": ("compare", read_compare),
 }
 
 
@@ -301,6 +317,12 @@ def rewrite_safetensors(path: Path, fn: Callable[[dict], dict]) -> None:
     from safetensors.torch import load_file, save_file
 
     save_file({k: v.contiguous() for k, v in fn(dict(load_file(str(path)))).items()}, str(path))
+
+
+def flip_bit(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
 
 
 def update_checksum(json_path: Path, keys: list, payload: Path) -> None:
@@ -426,8 +448,7 @@ def _map_cases() -> list:
         ("scores a list", lambda p: edit_json(p / MAP_J, set_at(["scores"], []))),
         ("tensors truncated", lambda p: truncate(p / MAP_T)),
         ("tensors missing", lambda p: (p / MAP_T).unlink()),
-        ("tensor flipped (checksum)", lambda p: (p / MAP_T).write_bytes(
-            (p / MAP_T).read_bytes()[:-3] + b"\x00\x01\x02")),
+        ("tensor bit flipped (checksum)", lambda p: flip_bit(p / MAP_T, -3)),
         ("W_ab missing", tensors(lambda t: {k: v for k, v in t.items() if k != "W_ab"})),
         ("W_ab transposed", tensors(lambda t: {**t, "W_ab": t["W_ab"].T})),
         ("float32", tensors(lambda t: {k: v.float() for k, v in t.items()})),
@@ -457,8 +478,7 @@ def _diff_cases() -> list:
         ("table truncated", lambda p: truncate(p / "features.parquet")),
         ("table missing", lambda p: (p / "features.parquet").unlink()),
         ("table garbage", lambda p: (p / "features.parquet").write_bytes(b"PAR1" + b"\x00" * 100 + b"PAR1")),
-        ("table byte flipped (checksum)", lambda p: (p / "features.parquet").write_bytes(
-            (p / "features.parquet").read_bytes()[:200] + b"\xff" + (p / "features.parquet").read_bytes()[201:])),
+        ("table bit flipped (checksum)", lambda p: flip_bit(p / "features.parquet", 200)),
         ("column dropped", table(lambda df: df.drop(columns=["kind"]))),
         ("table garbage, checksum updated", lambda p: ((p / "features.parquet").write_bytes(b"garbage"),
                                                        update_checksum(p / "config.json", ["sha256", "features.parquet"],
@@ -494,7 +514,7 @@ def _cc_cases() -> list:
         ("scale negative", lambda p: edit_json(p / CC_CFG, set_at(["scale"], [-1.0, 1.0]))),
         ("weights truncated", lambda p: truncate(p / CC_W)),
         ("weights missing", lambda p: (p / CC_W).unlink()),
-        ("weights flipped (checksum)", lambda p: (p / CC_W).write_bytes((p / CC_W).read_bytes()[:-2] + b"\x7f\x7f")),
+        ("weights bit flipped (checksum)", lambda p: flip_bit(p / CC_W, -2)),
         ("W_dec transposed", weights(lambda t: {**t, "W_dec_LD": t["W_dec_LD"].T})),
         ("threshold missing", weights(lambda t: {k: v for k, v in t.items() if k != "threshold"})),
         ("int tensor", weights(lambda t: {**t, "b_enc_L": t["b_enc_L"].long()})),
@@ -533,8 +553,7 @@ def _run_cases() -> list:
         ("weights wrong shape", state(lambda t: {**t, "model.W_enc_LD": t["model.W_enc_LD"][:10]})),
         ("since_fired missing", state(lambda t: {k: v for k, v in t.items() if k != "since_fired_L"})),
         ("since_fired float", state(lambda t: {**t, "since_fired_L": t["since_fired_L"].float()})),
-        ("state float flipped (checksum)", lambda p: (ckpt_dir(p) / "state.safetensors").write_bytes(
-            (ckpt_dir(p) / "state.safetensors").read_bytes()[:-4] + b"\x00\x00\x80\x7f")),
+        ("state bit flipped (checksum)", lambda p: flip_bit(ckpt_dir(p) / "state.safetensors", -4)),
         ("state checksum deleted, resealed", lambda p: edit_json(ckpt_dir(p) / "state.json",
                                                                  set_at(["state_sha256"], None, delete=True))),
         *seal_cases("checkpoint.json", versioned=False),
@@ -571,10 +590,26 @@ def _model_cases() -> list:
         ("tensor missing", weights(lambda t: {k: v for k, v in t.items() if k != "embed.W_E"})),
         ("tensor wrong shape", weights(lambda t: {**t, "embed.W_E": t["embed.W_E"].T})),
         ("int tensor", weights(lambda t: {**t, "unembed.b_U": t["unembed.b_U"].long()})),
-        ("weight flipped (checksum)", lambda p: (p / MODEL_W).write_bytes((p / MODEL_W).read_bytes()[:-2] + b"\x11\x22")),
+        ("weight bit flipped (checksum)", lambda p: flip_bit(p / MODEL_W, -2)),
         ("weights checksum deleted, resealed", lambda p: edit_json(p / MODEL_J, set_at(["weights_sha256"], None,
                                                                                       delete=True))),
         *seal_cases(MODEL_J),
+    ]
+
+
+CMP_J = "comparison.json"
+
+
+def _compare_cases() -> list:
+    return [
+        ("summary missing", lambda p: (p / CMP_J).unlink()),
+        ("summary malformed", lambda p: truncate(p / CMP_J)),
+        ("wrong version", lambda p: edit_json(p / CMP_J, set_at(["format_version"], 7))),
+        ("bridge bit flipped (checksum)", lambda p: flip_bit(p / "bridge.parquet", -20)),
+        ("curves edited", lambda p: (p / "precision_at_k.csv").write_text("k,precision\n1,1.0\n")),
+        ("bridge checksum deleted, resealed", lambda p: edit_json(p / CMP_J, lambda s: s["sha256"].pop("bridge.parquet")
+                                                                  and None)),
+        *seal_cases(CMP_J),
     ]
 
 
@@ -596,8 +631,7 @@ def _analysis_cases() -> list:
         ("wrong kind", lambda p: edit_json(p / LAT_J, set_at(["kind"], "diffkit.FeatureDiff"))),
         ("sha256 a list", lambda p: edit_json(p / LAT_J, set_at(["sha256"], []))),
         ("table missing", lambda p: (p / LAT_T).unlink()),
-        ("table byte flipped (checksum)", lambda p: (p / LAT_T).write_bytes(
-            (p / LAT_T).read_bytes()[:100] + b"\x00" + (p / LAT_T).read_bytes()[101:])),
+        ("table bit flipped (checksum)", lambda p: flip_bit(p / LAT_T, 100)),
         ("table garbage, checksum updated", lambda p: ((p / LAT_T).write_bytes(b"PAR1 garbage"),
                                                        update_checksum(p / LAT_J, ["sha256", LAT_T], p / LAT_T))),
         ("column dropped", table(lambda df: df.drop(columns=["rel_norm_r_b"]))),
@@ -612,7 +646,8 @@ def _analysis_cases() -> list:
 CASES = [("store", *c) for c in _store_cases()] + [("sae", *c) for c in _sae_cases()] + \
     [("map", *c) for c in _map_cases()] + [("diff", *c) for c in _diff_cases()] + \
     [("crosscoder", *c) for c in _cc_cases()] + [("run", *c) for c in _run_cases()] + \
-    [("model", *c) for c in _model_cases()] + [("analysis", *c) for c in _analysis_cases()]
+    [("model", *c) for c in _model_cases()] + [("analysis", *c) for c in _analysis_cases()] + \
+    [("compare", *c) for c in _compare_cases()]
 
 
 @pytest.mark.parametrize("reader,name,damage", CASES, ids=[f"{r}: {n}" for r, n, _ in CASES])
@@ -737,6 +772,7 @@ RANDOM_TARGETS = [
     ("run", f"{LAST_CKPT}/state.json", "json", True), ("run", f"{LAST_CKPT}/state.safetensors", "bytes", True),
     ("model", MODEL_J, "json", True), ("model", MODEL_W, "bytes", True),
     ("analysis", LAT_J, "json", True), ("analysis", LAT_T, "bytes", True), ("analysis", "summary.json", "json", True),
+    ("compare", CMP_J, "json", True), ("compare", "bridge.parquet", "bytes", True),
 ]
 
 
