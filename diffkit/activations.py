@@ -31,8 +31,8 @@ import numpy as np
 from . import __version__
 from .corpora import Sequence, kept_positions, token_sequences
 from .errors import DiffkitError
-from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic_save_npy, atomic_write_json,
-                           check_shard_file, load_npy, read_manifest, shard_files, validate_manifest)
+from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic_save_npy,
+                           check_shard_file, load_npy, read_manifest, shard_files, validate_manifest, write_manifest)
 
 SPLITS = ("train", "heldout", "all")
 DTYPES = ("float32", "float16")
@@ -239,7 +239,7 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
                         log: Callable[[str], None] = lambda _: None) -> CollectSummary:
     """Run both models over the corpus and write (or finish) the store at ``out``."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .forward import stop_layer
     from .models import load_model
@@ -280,7 +280,7 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
                     "config": asdict(cfg), "complete": False, "seqs_per_shard": per_shard,
                     "has_bos": tokenizer.bos_id is not None, "shards": [],
                     "sources": sources}
-        atomic_write_json(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
     else:
         if manifest["complete"]:
             log(f"{out} is already complete; nothing to resume")
@@ -322,13 +322,13 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
             for key, array in tensors.items():
                 record["files"][names[key]] = atomic_save_npy(out / names[key], array)
             manifest["shards"].append(record)
-            atomic_write_json(out / MANIFEST, manifest)  # the shard exists only once listed here
+            write_manifest(out, manifest)  # the shard exists only once listed here
             bar.update(len(flat))
             index += 1
             seq_start += len(chunk)
     bar.close()
     finish_manifest(manifest, d)
-    atomic_write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return _summary(out, manifest, time.time() - t0, done_shards)
 
 

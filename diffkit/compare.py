@@ -30,7 +30,7 @@ from .agreement import SIDES, agreement, bridge_side, bridge_table
 from .errors import DiffkitError
 
 COMPARE_KIND = "diffkit.Comparison"
-COMPARE_FORMAT_VERSION = 1
+COMPARE_FORMAT_VERSION = 2  # 2: comparison.json sealed (diffkit.io), with the sha256 of every other file
 SUMMARY_FILE = "comparison.json"
 CONFIG_FILE = "compare_config.json"
 ANALYSIS_DIR = "crosscoder-analysis"
@@ -116,18 +116,18 @@ def same_store(path: str | Path, store: Any) -> bool:
 
 def read_align_dir(path: str | Path, store: Any, acts: str | Path) -> tuple[dict, dict, Any]:
     """(config.json, summary.json, features table) of a FeatureDiff, checked against ``store``."""
-    from .diff import load_table
+    from .diff import load_diff_json, load_diff_meta, load_table
 
     path = Path(path)
     if not path.is_dir():
         raise DiffkitError(f"--align {path} is not a directory: pass the --out of `diffkit align`")
     table = load_table(path)
-    meta = json.loads((path / "config.json").read_text())
+    meta = load_diff_meta(path)
     made_from = meta.get("inputs", {}).get("acts")
     if made_from is None or not same_store(made_from, store):
         raise DiffkitError(f"--align {path} was made from the store {made_from}, not --acts {acts}: pass --acts "
                            f"{made_from}, or run `diffkit align --acts {acts}` again")
-    return meta, json.loads((path / "summary.json").read_text()), table
+    return meta, load_diff_json(path, "summary.json"), table
 
 
 def check_crosscoder(path: str | Path, store: Any, acts: str | Path) -> dict:
@@ -170,7 +170,7 @@ def _sae_reconstruct(loaded: Any, x_raw: Any, scale: float) -> Any:
 
 def sae_pass(store: Any, saes: dict, cfg: CompareConfig, progress: bool) -> dict:
     """FVE and L0 of each SAE on the comparison's split (at most ``cfg.tokens`` tokens)."""
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .metrics import ErrorSums
 
@@ -256,7 +256,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
     """Run the comparison (module docstring) and write it to ``cfg.out``."""
     import torch
 
-    from baselines.crosscoder.analysis import AnalyzeConfig, analyze
+    from baselines.crosscoder.analysis import AnalyzeConfig, analyze, load_latents
     from baselines.crosscoder.model import load as load_crosscoder
 
     from .activations import ActivationStore
@@ -295,9 +295,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
                                      split=cfg.split, tokens=cfg.tokens, exclusive_r=cfg.exclusive_r,
                                      n_contexts=cfg.n_contexts), progress=progress)
     analysis_seconds = time.perf_counter() - t0
-    import pandas as pd
-
-    latents = pd.read_parquet(out / ANALYSIS_DIR / "latents.parquet")
+    latents = load_latents(out / ANALYSIS_DIR)
     model = load_crosscoder(cc_dir)
     blocks = [w.double().numpy() for w in model.split(model.W_dec_LD.detach())]
     live = np.nonzero(~latents["dead"].to_numpy())[0]
@@ -346,12 +344,19 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
         "listed": listed, "contexts": contexts, "formulas": FORMULAS,
         "seconds": {"analysis": analysis_seconds, "bridge": bridge_seconds, "total": time.perf_counter() - t0},
     }
-    summary = _clean(summary)
-    atomic_write_bytes(out / "bridge.csv", bridge.to_csv(index=False).encode())
-    bridge.to_parquet(out / "bridge.parquet.tmp", index=False)
-    (out / "bridge.parquet.tmp").replace(out / "bridge.parquet")
-    atomic_write_bytes(out / "precision_at_k.csv", curves.to_csv(index=False).encode())
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    import io
+
+    from .io import sha256_bytes, sha256_file, write_sealed_json
+
+    buf = io.BytesIO()
+    bridge.to_parquet(buf, index=False)
+    files = {"bridge.csv": bridge.to_csv(index=False).encode(), "bridge.parquet": buf.getvalue(),
+             "precision_at_k.csv": curves.to_csv(index=False).encode()}
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    summary = {**_clean(summary), "sha256": {**{k: sha256_bytes(v) for k, v in files.items()},
+                                             CONFIG_FILE: sha256_file(out / CONFIG_FILE)}}
+    write_sealed_json(out / SUMMARY_FILE, summary)  # sealed, with every other file's sha256; written last
     return Comparison(summary, bridge, curves)
 
 
@@ -386,8 +391,11 @@ def load_comparison(path: str | Path) -> Comparison:
     path = Path(path)
     if not (path / SUMMARY_FILE).exists():
         raise DiffkitError(f"{path} is not a complete comparison (no {SUMMARY_FILE}): run `diffkit compare --out {path}`")
-    summary = json.loads((path / SUMMARY_FILE).read_text())
-    if summary.get("kind") != COMPARE_KIND or summary.get("format_version") != COMPARE_FORMAT_VERSION:
-        raise DiffkitError(f"{path / SUMMARY_FILE} is not a diffkit comparison of format {COMPARE_FORMAT_VERSION}: "
-                           "run `diffkit compare` again")
+    from .io import read_sealed_json, verify_sha256
+
+    fix = f"run `diffkit compare --out {path}` again"
+    summary = read_sealed_json(path / SUMMARY_FILE, COMPARE_KIND, COMPARE_FORMAT_VERSION, fix)
+    sums = summary.get("sha256") if isinstance(summary.get("sha256"), dict) else {}
+    for name in ("bridge.parquet", "precision_at_k.csv"):
+        verify_sha256(path / name, sums.get(name), fix)
     return Comparison(summary, pd.read_parquet(path / "bridge.parquet"), pd.read_csv(path / "precision_at_k.csv"))

@@ -47,7 +47,7 @@ class DemoConfig:
 
 
 def _bar(desc: str, total: int, progress: bool):
-    from tqdm import tqdm
+    from .progress import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=True)
 

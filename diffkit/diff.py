@@ -93,7 +93,7 @@ from .matching import Assignment, assign, unit_rows
 from .metrics import log_ratio, robust_scale
 
 DIFF_KIND = "diffkit.FeatureDiff"
-DIFF_FORMAT_VERSION = 1
+DIFF_FORMAT_VERSION = 2  # 2: config.json sealed (diffkit.io), sha256 of every file of the artifact
 DEFAULT_THRESHOLD = 0.5
 RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
 COSTS = ("cosine", "corr", "blend")
@@ -181,7 +181,7 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
     """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs),
     and each of ``extra``'s own sums."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     n_a, n_b = sae_a.d_sae, sae_b.d_sae
     scale_a, scale_b = store.scale("a"), store.scale("b")
@@ -437,7 +437,7 @@ def save_diff(diff: FeatureDiff, out: str | Path, inputs: dict) -> Path:
     """Write features.parquet, features.csv, summary.json, contexts.json, then config.json (marks it complete)."""
     import io
 
-    from .store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from .io import atomic_write_bytes, json_bytes, sha256_bytes, write_sealed_json
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -447,33 +447,51 @@ def save_diff(diff: FeatureDiff, out: str | Path, inputs: dict) -> Path:
         (out / "config.json").unlink()
     buf = io.BytesIO()
     diff.table.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "features.parquet", buf.getvalue())
-    checksums = {"features.parquet": sha256_bytes(buf.getvalue())}
-    atomic_write_bytes(out / "features.csv", diff.table.to_csv(index=False).encode())
-    atomic_write_json(out / "summary.json", diff.summary)
-    atomic_write_json(out / "contexts.json", [{"side": s, "feature": int(i), "contexts": c}
-                                              for (s, i), c in diff.contexts.items()])
-    atomic_write_json(out / "config.json", {"kind": DIFF_KIND, "format_version": DIFF_FORMAT_VERSION,
-                                            "config": asdict(diff.config), "inputs": inputs, "sha256": checksums})
+    files = {"features.parquet": buf.getvalue(), "features.csv": diff.table.to_csv(index=False).encode(),
+             "summary.json": json_bytes(diff.summary),
+             "contexts.json": json_bytes([{"side": s, "feature": int(i), "contexts": c}
+                                          for (s, i), c in diff.contexts.items()])}
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    write_sealed_json(out / "config.json", {"kind": DIFF_KIND, "format_version": DIFF_FORMAT_VERSION,
+                                            "config": asdict(diff.config), "inputs": inputs,
+                                            "sha256": {name: sha256_bytes(data) for name, data in files.items()}})
     return out
+
+
+def load_diff_meta(out: str | Path) -> dict:
+    """A saved FeatureDiff's config.json, seal checked (its ``sha256`` vouches for every other file)."""
+    from .io import read_sealed_json
+
+    out = Path(out)
+    fix = f"run `diffkit align --out {out}` again"
+    if not (out / "config.json").exists():
+        raise DiffkitError(f"{out} is not a complete FeatureDiff (no config.json): run `diffkit align --out {out}`")
+    meta = read_sealed_json(out / "config.json", DIFF_KIND, DIFF_FORMAT_VERSION, fix)
+    if not isinstance(meta.get("sha256"), dict):
+        raise DiffkitError(f"{out / 'config.json'}: sha256 is not an object: {fix}")
+    return meta
+
+
+def load_diff_json(out: str | Path, name: str) -> Any:
+    """``summary.json`` or ``contexts.json`` of a saved FeatureDiff, checked against its recorded sha256."""
+    from .io import read_json, verify_sha256
+
+    out = Path(out)
+    fix = f"run `diffkit align --out {out}` again"
+    verify_sha256(out / name, load_diff_meta(out)["sha256"].get(name), fix)
+    return read_json(out / name, fix)
 
 
 def load_table(out: str | Path) -> Any:
     """The table of a saved FeatureDiff; damaged files are a one-line DiffkitError, never a wrong table."""
     import pandas as pd
 
-    from .store_format import read_json_object, verify_sha256
+    from .io import verify_sha256
 
     out = Path(out)
     fix = f"run `diffkit align --out {out}` again"
-    if not (out / "config.json").exists():
-        raise DiffkitError(f"{out} is not a complete FeatureDiff (no config.json): run `diffkit align --out {out}`")
-    meta = read_json_object(out / "config.json", fix)
-    if meta.get("kind") != DIFF_KIND or meta.get("format_version") != DIFF_FORMAT_VERSION:
-        raise DiffkitError(f"{out / 'config.json'} is not a FeatureDiff of format {DIFF_FORMAT_VERSION}: {fix}")
-    sums = meta.get("sha256", {})
-    if not isinstance(sums, dict):
-        raise DiffkitError(f"{out / 'config.json'}: sha256 is not an object: {fix}")
+    sums = load_diff_meta(out)["sha256"]
     path = out / "features.parquet"
     if not path.is_file():
         raise DiffkitError(f"{path} is missing: {fix}")

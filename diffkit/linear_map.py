@@ -50,7 +50,7 @@ from .errors import DiffkitError
 from .metrics import ErrorSums
 
 MAP_KIND = "diffkit.LinearMap"
-MAP_FORMAT_VERSION = 1
+MAP_FORMAT_VERSION = 2  # 2: map.json is sealed (diffkit.io), its scores included
 MAP_JSON = "map.json"
 MAP_TENSORS = "map.safetensors"
 METHODS = ("lstsq", "ridge", "procrustes")
@@ -152,7 +152,7 @@ class LinearMap:
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, store: Any, progress: bool = False) -> "LinearMap":
         """Fit on ``store``'s train split, score on its held-out split (both streamed shard by shard)."""
-        from tqdm import tqdm
+        from .progress import tqdm
 
         cfg = self.config
         normalized = cfg.space == "normalized"
@@ -257,7 +257,7 @@ class LinearMap:
         import torch
         from safetensors.torch import save
 
-        from .store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
+        from .io import atomic_write_bytes, sha256_bytes, write_sealed_json
 
         self._check_fitted()
         out = Path(out)
@@ -270,7 +270,7 @@ class LinearMap:
             (out / MAP_JSON).unlink()  # an old JSON must not vouch for new tensors mid-write
         data = save(tensors)
         atomic_write_bytes(out / MAP_TENSORS, data)
-        atomic_write_json(out / MAP_JSON, {**self.to_json(), "tensors_sha256": sha256_bytes(data)})
+        write_sealed_json(out / MAP_JSON, {**self.to_json(), "tensors_sha256": sha256_bytes(data)})
         return out
 
     @classmethod
@@ -280,7 +280,7 @@ class LinearMap:
 
         import torch
 
-        from .store_format import load_safetensors, read_json_object, verify_sha256
+        from .io import check_tensors, load_safetensors, read_sealed_json, verify_sha256
 
         path = Path(path)
         fix = "fit it again with `diffkit fit-map`"
@@ -288,9 +288,7 @@ class LinearMap:
             missing = MAP_JSON if not (path / MAP_JSON).exists() else MAP_TENSORS
             raise DiffkitError(f"--map {path} has no {missing}: point at a `diffkit fit-map --out` directory, or "
                                "drop --map to fit one")
-        meta = read_json_object(path / MAP_JSON, fix)
-        if meta.get("kind") != MAP_KIND or meta.get("format_version") != MAP_FORMAT_VERSION:
-            raise DiffkitError(f"{path / MAP_JSON} is not a diffkit LinearMap (format {MAP_FORMAT_VERSION}): {fix}")
+        meta = read_sealed_json(path / MAP_JSON, MAP_KIND, MAP_FORMAT_VERSION, fix)
         verify_sha256(path / MAP_TENSORS, meta.get("tensors_sha256"), fix)
         try:
             d_a, d_b = meta["d_a"], meta["d_b"]
@@ -320,8 +318,6 @@ class LinearMap:
         need = {"W_ab": (d_a, d_b), "b_ab": (d_b,), "W_ba": (d_b, d_a), "b_ba": (d_a,), "mean_a": (d_a,),
                 "mean_b": (d_b,)}
         tensors = load_safetensors(path / MAP_TENSORS, fix)
-        from .store_format import check_tensors
-
         check_tensors(tensors, need, str(path / MAP_TENSORS), fix)
         not64 = sorted(k for k in need if tensors[k].dtype != torch.float64)
         if not64:

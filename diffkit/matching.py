@@ -128,7 +128,7 @@ def topk_candidates(ua: Any, ub: Any, k: int, chunk: int = 2048, device: str = "
     edge of that row left out).
     """
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     n_a, n_b = len(ua), len(ub)
     ka, kb = min(k, n_b), min(k, n_a)

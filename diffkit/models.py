@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffkitError
+from .errors import DiffkitError, hub_error
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 CHECKPOINT_KIND = "diffkit.Model"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: model.json sealed (diffkit.io), with the weights file's sha256
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -73,10 +73,13 @@ def save_checkpoint(model: Any, tokenizer: ByteTokenizer, out_dir: Path, provena
                     dtype: str = "float32") -> None:
     """Write a diffkit checkpoint: constructor config + weights, atomically (temp dir, then rename).
 
-    ``dtype="float16"`` halves the file; weights load back as float32.
+    ``dtype="float16"`` halves the file; weights load back as float32. ``model.json`` is sealed and
+    records the weights file's sha256 (:mod:`diffkit.io`).
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .io import atomic_write_bytes, sha256_bytes, write_sealed_json
 
     out_dir = Path(out_dir)
     cfg = model.cfg
@@ -89,8 +92,9 @@ def save_checkpoint(model: Any, tokenizer: ByteTokenizer, out_dir: Path, provena
                if not k.endswith((".IGNORE", ".mask"))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    save_file(tensors, tmp / WEIGHTS_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    data = save(tensors)
+    atomic_write_bytes(tmp / WEIGHTS_FILE, data)
+    write_sealed_json(tmp / CONFIG_FILE, {**meta, "weights_sha256": sha256_bytes(data)})
     if out_dir.exists():
         import shutil
 
@@ -129,14 +133,14 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Tokenizer, di
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from .store_format import first_line, load_safetensors, read_json
+    from .io import first_line, load_safetensors, read_sealed_json, verify_sha256
 
     path = Path(path)
-    meta = read_json(path / CONFIG_FILE, "re-save the checkpoint")
-    if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND or \
-            meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise DiffkitError(f"{path / CONFIG_FILE} is not a diffkit model checkpoint of format "
-                           f"{CHECKPOINT_FORMAT_VERSION}: re-save it with this diffkit version")
+    fix = "the checkpoint is damaged or was edited: re-save it (a zoo model: `diffkit zoo build`)"
+    meta = read_sealed_json(path / CONFIG_FILE, CHECKPOINT_KIND, CHECKPOINT_FORMAT_VERSION, fix)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise DiffkitError(f"{path / WEIGHTS_FILE} is missing: the checkpoint is incomplete; re-save it")
+    verify_sha256(path / WEIGHTS_FILE, meta.get("weights_sha256"), fix)
     tensors = load_safetensors(path / WEIGHTS_FILE, "the checkpoint is incomplete or damaged: re-save it", device)
     _check_checkpoint(path, meta, tensors)
     try:
@@ -180,13 +184,6 @@ def _load_hf_dir(path: Path, device: str) -> tuple[Any, Tokenizer]:
     return model, HFTokenizer(hf_tokenizer, name=str(path))
 
 
-def _file_sha256(path: Path) -> str:
-    """Identifies the exact weights a store was collected with (resume refuses other weights)."""
-    from .store_format import sha256_file
-
-    return sha256_file(path)
-
-
 def _official_name(spec: str) -> str | None:
     from transformer_lens import loading_from_pretrained as loading
 
@@ -209,14 +206,13 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
         return LoadedModel(model, tokenizer, spec, "zoo", weights_sha256=source.get("sha256"))
     if spec.startswith("zoo:"):
         path = zoo.model_dir(spec[4:])
-        model, tokenizer, _ = load_checkpoint(path, device)
-        return LoadedModel(model, tokenizer, spec, "zoo", weights_sha256=_file_sha256(path / WEIGHTS_FILE))
+        model, tokenizer, meta = load_checkpoint(path, device)  # weights_sha256 verified against the file
+        return LoadedModel(model, tokenizer, spec, "zoo", weights_sha256=meta["weights_sha256"])
     path = Path(spec)
     if path.is_dir():
         if (path / CONFIG_FILE).exists():
-            model, tokenizer, _ = load_checkpoint(path, device)
-            return LoadedModel(model, tokenizer, spec, "checkpoint",
-                               weights_sha256=_file_sha256(path / WEIGHTS_FILE))
+            model, tokenizer, meta = load_checkpoint(path, device)
+            return LoadedModel(model, tokenizer, spec, "checkpoint", weights_sha256=meta["weights_sha256"])
         if (path / "config.json").exists():
             model, tokenizer = _load_hf_dir(path, device)
             return LoadedModel(model, tokenizer, spec, "hf-dir")
@@ -228,6 +224,9 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
                            "directory, or a TransformerLens official model name")
     from transformer_lens import HookedTransformer
 
-    model = HookedTransformer.from_pretrained_no_processing(name, device=device)  # hub: users only
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(name, device=device)  # hub: users only
+    except OSError as exc:  # transformers' "couldn't connect", huggingface_hub's LocalEntryNotFoundError
+        raise hub_error(f"model {spec!r} ({name})", exc) from None
     model.eval()
     return LoadedModel(model, HFTokenizer(model.tokenizer, name=name), spec, "official")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffkitError
-from .store_format import first_line
+from .errors import DiffkitError, hub_error
+from .io import first_line
 
 SAE_LENS_CFG = "cfg.json"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
@@ -97,7 +97,7 @@ def check_sae_dir(path: Path) -> None:
     the config's shapes and dtype. sae-lens itself turns a float16 file under a float32 config into
     float32 silently, and reports damage as assorted exception types; here each is one line.
     """
-    from .store_format import check_tensors, load_safetensors, read_json_object
+    from .io import check_tensors, load_safetensors, read_json_object
 
     fix = "the SAE directory is damaged: save or download the SAE again"
     cfg = read_json_object(path / SAE_LENS_CFG, fix)
@@ -171,7 +171,7 @@ def _load_plain(path: Path) -> Any:
     from safetensors.torch import load_file
     from sae_lens import SAE
 
-    from .store_format import read_json_object
+    from .io import read_json_object
 
     cfg_path = _json_beside(path)
     if cfg_path is None:
@@ -220,7 +220,10 @@ def _load_registry(spec: str, device: str) -> Any:
     if sae_id not in directory[release].saes_map:
         known = ", ".join(list(directory[release].saes_map)[:5])
         raise DiffkitError(f"release {release!r} has no SAE {sae_id!r} (e.g. {known}): check the SAE id")
-    return SAE.from_pretrained(release, sae_id, device=device)
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError offline, HTTP errors online
+        raise hub_error(f"SAE {spec!r} (sae-lens release {release!r}, id {sae_id!r})", exc) from None
 
 
 def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:

@@ -12,23 +12,28 @@ Within a shard the rows of training sequences come first, then those of held-out
 (``n_train`` in the manifest), so a split is a contiguous slice of every shard.
 
 Files are written under a temporary name and renamed into place; the manifest is rewritten
-(atomically) after each shard, so a killed run leaves a store that ``--resume`` completes.
+(atomically) after each shard, so a killed run leaves a store that ``--resume`` completes. The
+manifest is sealed (:func:`diffkit.io.seal`: a sha256 over its canonical JSON), so no byte of it
+changes unnoticed; each shard file's size and sha256 are in it.
+
+The generic artifact I/O (atomic writes, sha256, strict JSON / safetensors readers) lives in
+:mod:`diffkit.io`; it is re-exported here for code that imported it from this module.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import DiffkitError
+from .io import (SEAL_KEY, atomic_save_npy, atomic_write_bytes, atomic_write_json, check_tensors,  # noqa: F401
+                 first_line, load_safetensors, read_json, read_json_object, sha256_bytes, sha256_file,
+                 verify_seal, verify_sha256, write_sealed_json)
 
 STORE_KIND = "diffkit.ActivationStore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest is sealed (diffkit.io); version 1 had no checksum over the manifest itself
 MANIFEST = "manifest.json"
 SOURCES = ("a", "b")
 INT_DTYPES = ("int32", "int64", "uint16", "uint32", "int16")
@@ -40,102 +45,9 @@ def shard_files(index: int) -> dict[str, str]:
             "a": f"a/{stem}.npy", "b": f"b/{stem}.npy"}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> dict:
-    """Save ``array`` as .npy under a temporary name, rename it into place; return its file record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-    os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path),
-            "shape": list(array.shape), "dtype": str(array.dtype)}
-
-
-def first_line(exc: BaseException, limit: int = 160) -> str:
-    """An exception as one short line for a DiffkitError message (its type when it has no text)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
-
-
-def read_json(path: Path, fix: str) -> Any:
-    """Parse the JSON file ``path``; any failure is a one-line :class:`DiffkitError` ending in ``fix``."""
-    try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise DiffkitError(f"{path} is missing: {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise DiffkitError(f"{path} is not valid JSON ({reason}): {fix}") from None
-
-
-def read_json_object(path: Path, fix: str) -> dict:
-    """:func:`read_json` for files that must hold a JSON object."""
-    obj = read_json(path, fix)
-    if not isinstance(obj, dict):
-        raise DiffkitError(f"{path} holds a JSON {type(obj).__name__}, not an object: {fix}")
-    return obj
-
-
-def load_safetensors(path: Path, fix: str, device: str = "cpu") -> dict:
-    """All tensors of the safetensors file ``path`` (torch); a missing, truncated or garbled file is a
-    one-line :class:`DiffkitError` ending in ``fix``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise DiffkitError(f"{path} is missing: {fix}")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise DiffkitError(f"{path} is not a readable safetensors file ({reason}): {fix}") from None
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def verify_sha256(path: Path, expected: Any, fix: str) -> None:
-    """Compare ``path``'s sha256 with the one its artifact's JSON recorded (``None``: written before checksums)."""
-    if expected is None:
-        return
-    if not isinstance(expected, str) or sha256_file(path) != expected:
-        raise DiffkitError(f"{path} fails its sha256 checksum: it is corrupted or was replaced; {fix}")
-
-
-def check_tensors(tensors: dict, expected: dict[str, tuple], what: str, fix: str, exact: bool = True) -> None:
-    """Every name of ``expected`` present with its shape and a floating dtype; with ``exact`` no other name.
-
-    Lists missing, unexpected and mis-shaped tensors in one line (strict loading, safetensors-style).
-    """
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected)) if exact else []
-    shapes = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k])})" for k in expected
-              if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
-    dtypes = [f"{k} {tensors[k].dtype}" for k in expected if k in tensors and not tensors[k].is_floating_point()]
-    if missing or unexpected or shapes or dtypes:
-        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                 f"wrong shape {shapes}" if shapes else "", f"not floating point {dtypes}" if dtypes else ""]
-        raise DiffkitError(f"{what} does not fit its config: {'; '.join(p for p in parts if p)}: {fix}")
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` sealed (atomically); every writer of a manifest goes through here."""
+    write_sealed_json(Path(root) / MANIFEST, manifest)
 
 
 def read_manifest(root: Path) -> dict:
@@ -152,6 +64,7 @@ def read_manifest(root: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DiffkitError(f"{path} has store format version {repr(manifest.get('format_version'))[:40]}, this diffkit reads "
                            f"version {FORMAT_VERSION}: collect the store again with this version")
+    manifest = verify_seal(path, manifest, "the manifest was edited or damaged: collect the store again")
     for key in ("config", "sources", "shards", "complete"):
         if key not in manifest:
             raise DiffkitError(f"{path} lacks the field {key!r}: the store is damaged, collect it again")

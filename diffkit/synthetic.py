@@ -46,7 +46,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DiffkitError
-from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, atomic_save_npy, atomic_write_json, shard_files
+from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, atomic_save_npy, shard_files, write_manifest
 
 PLANTED_HOOK = "planted.hook_resid"
 
@@ -457,7 +457,7 @@ def write_planted_store(pair: PlantedPair | PlantedStream, out: str | Path, seqs
             record["files"][names[key]] = atomic_save_npy(out / names[key], array)
         manifest["shards"].append(record)
     finish_manifest(manifest, {"a": cfg.d_a, "b": cfg.d_b})
-    atomic_write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return out
 
 

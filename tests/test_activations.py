@@ -21,6 +21,7 @@ from diffkit.activations import ActivationStore, collect_activations, is_heldout
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
 from diffkit.models import load_model
+from diffkit.io import write_sealed_json
 from diffkit.store_format import MANIFEST, shard_files
 
 
@@ -251,7 +252,9 @@ def test_missing_shard_and_bad_manifests(store_copy, tmp_path):
     (store_copy / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     assert "format version 99" in cli_error(["store", "info", str(store_copy)])
     broken = {k: v for k, v in manifest.items() if k != "scale"}
-    (store_copy / MANIFEST).write_text(json.dumps(broken))
+    (store_copy / MANIFEST).write_text(json.dumps(broken))  # an edit that leaves the seal stale
+    assert "fails its json_sha256 checksum" in cli_error(["store", "info", str(store_copy)])
+    write_sealed_json(store_copy / MANIFEST, broken)  # sealed but wrong: the field checks behind the seal fire
     with pytest.raises(DiffkitError, match="malformed .*scale"):
         ActivationStore.open(store_copy, verify="none")
     (store_copy / MANIFEST).write_text("{ not json")
@@ -265,7 +268,7 @@ def test_shard_with_wrong_shape_is_rejected(store_copy):
     record = manifest["shards"][0]["files"][rel]
     np.save(store_copy / rel, np.zeros((record["shape"][0], 7), np.float32))
     record["bytes"] = (store_copy / rel).stat().st_size
-    (store_copy / MANIFEST).write_text(json.dumps(manifest))
+    write_sealed_json(store_copy / MANIFEST, manifest)
     st = ActivationStore.open(store_copy)
     with pytest.raises(DiffkitError, match="manifest says"):
         st.batch([0])
@@ -305,7 +308,7 @@ def test_resume_refuses_changed_model_weights(tiny_models, tmp_path):
     collect_activations(cfg, tmp_path / "run", progress=False)
     manifest = json.loads(manifest_path.read_text())
     manifest["shards"], manifest["complete"] = manifest["shards"][:1], False  # as if killed after one shard
-    manifest_path.write_text(json.dumps(manifest))
+    write_sealed_json(manifest_path, manifest)
     make_checkpoint(model_b, d_model=48, seed=7)  # same path, other weights
     with pytest.raises(DiffkitError, match="model B weights_sha256 differ"):
         collect_activations(cfg, tmp_path / "run", resume=True, progress=False)

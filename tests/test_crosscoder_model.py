@@ -12,6 +12,7 @@ from baselines.crosscoder.metrics import FveAccumulator, fve, fvu
 from baselines.crosscoder.model import CFG_FILE, CrossCoder, CrossCoderConfig, crosscoder_loss, fold_normalization, save
 from baselines.crosscoder.model_util import global_topk_threshold
 from diffkit.errors import DiffkitError
+from diffkit.io import write_sealed_json
 
 
 def _model(arch="batchtopk", d_in=(8, 12), L=64, k=4, scale=(2.0, 0.5), seed=0):
@@ -119,6 +120,9 @@ def test_save_load_roundtrip_and_strict_config(tmp_path):
     assert torch.equal(m.encode(xs), back.encode(xs)) and back.cfg == m.cfg
     raw = json.loads((tmp_path / "cc" / CFG_FILE).read_text())
     (tmp_path / "cc" / CFG_FILE).write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(DiffkitError, match="fails its json_sha256 checksum"):  # an edit leaves the seal stale
+        load(tmp_path / "cc")
+    write_sealed_json(tmp_path / "cc" / CFG_FILE, {**raw, "surprise": 1})  # sealed: the strict config check fires
     with pytest.raises(DiffkitError, match="unknown keys \\['surprise'\\]"):
         load(tmp_path / "cc")
     with pytest.raises(DiffkitError, match="not a crosscoder"):

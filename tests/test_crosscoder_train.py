@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from baselines.crosscoder.train import TrainConfig, epoch_batches, read_checkpoint, train
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
+from diffkit.io import write_sealed_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -160,7 +161,7 @@ def test_bad_input_gets_one_line_errors(small_store, tmp_path):
     shutil.copytree(small_store.root, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     del manifest["sources"]["b"]["d_model"]  # a store whose second source has no width
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    write_sealed_json(broken / "manifest.json", manifest)  # sealed, so the field check behind the seal fires
     res = _run(["crosscoder", "train", "--acts", str(broken), "--out", str(tmp_path / "f")])
     assert res.exit_code == 2 and "malformed" in res.output
 

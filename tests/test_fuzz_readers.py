@@ -3,17 +3,28 @@ to exactly the data of the undamaged artifact -- never a traceback, never a sile
 
 Artifacts are real: a store collected from two TransformerLens checkpoints, sae-lens TopK SAEs saved
 with ``save_model``, a fitted LinearMap, a FeatureDiff from ``align``, a crosscoder trained with
-checkpoints, and a diffkit model checkpoint. Two passes per reader:
+checkpoints, its LatentTable from ``analyze``, a comparison from ``compare``, and a diffkit model
+checkpoint. Two passes per reader:
 
 - named cases (parametrized): malformed JSON, missing fields, wrong types and versions, counts that
-  do not add up, truncated / missing / wrong-dtype / wrong-shape tensors, garbage headers;
-- a seeded random mutation pass: bytes flipped, truncated, inserted or deleted, and JSON values
-  replaced by values of another type (or negative / huge numbers, or deleted).
+  do not add up, truncated / missing / wrong-dtype / wrong-shape tensors, garbage headers. A named
+  edit of a sealed JSON is resealed (and a replaced payload file's checksum updated), so the field
+  check *behind* the seal is what fires; separate cases show the unsealed edit, a deleted seal and a
+  file of the format before seals are refused by the seal itself;
+- a seeded random mutation pass whose mutations are chosen by the artifact's *structure*, not by its
+  text (the fitted digits move with numpy/scipy/torch versions, and a mutation picked by byte offset
+  once hit a different value on another install): a JSON value replaced by one of another type or
+  deleted, a number nudged to a nearby valid value, or a byte flipped / deleted / inserted / cut at
+  one of the file's structural characters (``{}[]:,"``); binary payloads get bytes mutated anywhere.
+  Each mutation has its own generator, so one draw never shifts the next.
 
-Payload bytes of the formats that carry no checksum (sae-lens's ``sae_weights.safetensors``, a model
-checkpoint's ``model.safetensors``) are excluded from byte flips: a flipped float there is a valid
-file that no reader can tell from the original. Store shards are checked with ``verify="full"``
-(``diffkit store verify``) for payload flips and with the default size check for everything else.
+The property checked is the issue's "no byte changes silently": for a sealed JSON (and every file a
+checksum covers) any change that alters what the file parses to must be a one-line error; other
+damage must be an error or load to exactly the undamaged data. Payload bytes of sae-lens's
+``sae_weights.safetensors`` carry no checksum (sae-lens's format, which diffkit does not extend)
+and are excluded from byte flips: a flipped float there is a valid file no reader can tell from the
+original. Store shards are checked with ``verify="full"`` (``diffkit store verify``) for payload flips
+and with the default size check for everything else.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import pytest
 import torch
 
 from diffkit.errors import DiffkitError
+from diffkit.io import SEAL_KEY, reseal_json, sha256_file
 
 SEED = 1234
 N_RANDOM = 14  # mutations per (reader, file) in the random pass
@@ -88,7 +100,22 @@ class Pristine:
         sae_a = load_sae(str(self["sae"]))
         sae_b = load_sae(str(self.root / "sae_b"))
         diff = align(self.store, sae_a, sae_b, LinearMap.load(self["map"]), AlignConfig())
-        return save_diff(diff, self.root / "diff", {"acts": str(self.store.root)})
+        return save_diff(diff, self.root / "diff", {"acts": str(self.store.root), "sae_a": str(self["sae"]),
+                                                    "sae_b": str(self.root / "sae_b")})
+
+    def _build_analysis(self) -> Path:
+        from baselines.crosscoder.analysis import AnalyzeConfig, analyze
+
+        analyze(AnalyzeConfig(crosscoder=str(self["cc"]), acts=str(self.store.root), out=str(self.root / "analysis"),
+                              split="all", n_contexts=1, top_n=2), progress=False)
+        return self.root / "analysis"
+
+    def _build_compare(self) -> Path:
+        from diffkit.compare import CompareConfig, compare
+
+        compare(CompareConfig(align=str(self["diff"]), crosscoder=str(self["cc"]), acts=str(self.store.root),
+                              out=str(self.root / "compare"), top=2, n_contexts=1))
+        return self.root / "compare"
 
     def _build_cc(self) -> Path:
         from baselines.crosscoder.train import TrainConfig, train
@@ -137,10 +164,24 @@ def read_map(path: Path) -> dict:
             "W": [m.W_ab_, m.b_ab_, m.W_ba_, m.b_ba_, m.mean_a_, m.mean_b_], "scores": m.scores_}
 
 
-def read_diff(path: Path) -> Any:
-    from diffkit.diff import load_table
+def read_diff(path: Path) -> dict:
+    from diffkit.diff import load_diff_json, load_table
 
-    return load_table(path)
+    return {"table": load_table(path), "summary": load_diff_json(path, "summary.json"),
+            "contexts": load_diff_json(path, "contexts.json")}
+
+
+def read_compare(path: Path) -> dict:
+    from diffkit.compare import load_comparison
+
+    c = load_comparison(path)
+    return {"summary": c.summary, "bridge": c.bridge, "curves": c.curves}
+
+
+def read_analysis(path: Path) -> dict:
+    from baselines.crosscoder.analysis import load_analysis_summary, load_latents
+
+    return {"table": load_latents(path), "summary": load_analysis_summary(path)}
 
 
 def read_crosscoder(path: Path) -> dict:
@@ -180,6 +221,7 @@ READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
     "store": ("store", read_store), "store_full": ("store", lambda p: read_store(p, "full")),
     "sae": ("sae", read_sae), "map": ("map", read_map), "diff": ("diff", read_diff),
     "crosscoder": ("cc", read_crosscoder), "run": ("cc", read_run), "model": ("model", read_model),
+    "analysis": ("analysis", read_analysis), "compare": ("compare", read_compare),
 }
 
 
@@ -200,8 +242,9 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def outcome(reader: str, path: Path, reference: Any, what: str) -> str:
-    """'error' (a one-line DiffkitError) or 'ok' (equal to the reference); anything else fails the test."""
+def outcome(reader: str, path: Path, reference: Any, what: str, must_fail: bool = False) -> str:
+    """'error' (a one-line DiffkitError) or 'ok' (equal to the reference); anything else fails the test.
+    ``must_fail``: the damage changed what a checksummed file holds, so loading it at all is silent damage."""
     try:
         got = READERS[reader][1](path)
     except DiffkitError as exc:
@@ -209,6 +252,7 @@ def outcome(reader: str, path: Path, reference: Any, what: str) -> str:
         assert msg and "\n" not in msg and len(msg) < 600, f"{what}: error is not one short line: {msg!r}"
         return "error"
     assert same(reference, got), f"{what}: loaded without error but the data differ (a silent wrong result)"
+    assert not must_fail, f"{what}: the file's contents changed and it loaded without error (damage accepted silently)"
     return "ok"
 
 
@@ -242,10 +286,15 @@ def copy_of(pristine, tmp_path) -> Callable[[str], Path]:
 
 
 # -- mutations ------------------------------------------------------------------------------------
-def edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
+def edit_json(path: Path, fn: Callable[[Any], Any], reseal: bool = True) -> None:
+    """Apply ``fn`` to the parsed file; a sealed file is resealed (unless ``reseal`` is False), so the
+    check that fires is the field check behind the seal, not the seal."""
     obj = json.loads(path.read_text())
+    sealed = isinstance(obj, dict) and SEAL_KEY in obj
     new = fn(obj)
     path.write_text(json.dumps(obj if new is None else new))
+    if reseal and sealed and isinstance(json.loads(path.read_text()), dict):
+        reseal_json(path)
 
 
 def truncate(path: Path, frac: float = 0.5) -> None:
@@ -270,9 +319,29 @@ def rewrite_safetensors(path: Path, fn: Callable[[dict], dict]) -> None:
     save_file({k: v.contiguous() for k, v in fn(dict(load_file(str(path)))).items()}, str(path))
 
 
-def drop_checksum(path: Path, key: str) -> None:
-    """Remove a recorded checksum, so the check behind it (shape, dtype, columns) is what fires."""
-    edit_json(path, lambda obj: obj.pop(key, None) and None)
+def flip_bit(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def update_checksum(json_path: Path, keys: list, payload: Path) -> None:
+    """Record ``payload``'s new sha256 at ``keys`` and reseal, so the check behind the checksum (shape,
+    dtype, columns) is what fires."""
+    edit_json(json_path, set_at(keys, sha256_file(payload)))
+
+
+def seal_cases(rel: str, versioned: bool = True) -> list:
+    """The seal itself: an unsealed edit, a deleted or garbled seal, a file of the format before seals."""
+    def older(obj):
+        obj.pop(SEAL_KEY)
+        obj["format_version"] -= 1
+    return [
+        (f"{rel} edited, seal stale", lambda p: edit_json(p / rel, lambda o: o.update(zz_note="x"), reseal=False)),
+        (f"{rel} seal deleted", lambda p: edit_json(p / rel, lambda o: o.pop(SEAL_KEY) and None, reseal=False)),
+        (f"{rel} seal a list", lambda p: edit_json(p / rel, set_at([SEAL_KEY], []), reseal=False)),
+        (f"{rel} seal of another file", lambda p: edit_json(p / rel, set_at([SEAL_KEY], "0" * 64), reseal=False)),
+    ] + ([(f"{rel} older format without seal", lambda p: edit_json(p / rel, older, reseal=False))] if versioned else [])
 
 
 def rewrite_npy(store: Path, rel: str, array: np.ndarray) -> None:
@@ -296,7 +365,7 @@ def _store_cases() -> list:
         ("manifest missing", lambda p: (p / M).unlink()),
         ("manifest is a list", lambda p: (p / M).write_text("[1, 2]")),
         ("manifest not utf-8", lambda p: (p / M).write_bytes(b"\xff\xfe{" * 10)),
-        ("wrong version", lambda p: edit_json(p / M, set_at(["format_version"], 2))),
+        ("wrong version", lambda p: edit_json(p / M, set_at(["format_version"], 99))),
         ("version a string", lambda p: edit_json(p / M, set_at(["format_version"], "1"))),
         *[(f"missing {k}", lambda p, k=k: edit_json(p / M, set_at([k], None, delete=True)))
           for k in ("config", "sources", "shards", "complete", "n_tokens", "scale")],
@@ -327,6 +396,7 @@ def _store_cases() -> list:
         ("shard fortran order", lambda p: rewrite_npy(p, SHARD_A, np.asfortranarray(np.load(p / SHARD_A)))),
         ("ids shard wrong dtype", lambda p: rewrite_npy(p, "tokens/shard_00000.ids.npy",
                                                         np.load(p / "tokens/shard_00000.ids.npy").astype(np.float32))),
+        *seal_cases(M),
     ]
 
 
@@ -364,7 +434,7 @@ MAP_J, MAP_T = "map.json", "map.safetensors"
 
 def _map_cases() -> list:
     def tensors(fn):
-        return lambda p: (rewrite_safetensors(p / MAP_T, fn), drop_checksum(p / MAP_J, "tensors_sha256"))
+        return lambda p: (rewrite_safetensors(p / MAP_T, fn), update_checksum(p / MAP_J, ["tensors_sha256"], p / MAP_T))
 
     return [
         ("json malformed", lambda p: truncate(p / MAP_J)),
@@ -378,12 +448,15 @@ def _map_cases() -> list:
         ("scores a list", lambda p: edit_json(p / MAP_J, set_at(["scores"], []))),
         ("tensors truncated", lambda p: truncate(p / MAP_T)),
         ("tensors missing", lambda p: (p / MAP_T).unlink()),
-        ("tensor flipped (checksum)", lambda p: (p / MAP_T).write_bytes(
-            (p / MAP_T).read_bytes()[:-3] + b"\x00\x01\x02")),
+        ("tensor bit flipped (checksum)", lambda p: flip_bit(p / MAP_T, -3)),
         ("W_ab missing", tensors(lambda t: {k: v for k, v in t.items() if k != "W_ab"})),
         ("W_ab transposed", tensors(lambda t: {**t, "W_ab": t["W_ab"].T})),
         ("float32", tensors(lambda t: {k: v.float() for k, v in t.items()})),
         ("NaN", tensors(lambda t: {**t, "b_ab": t["b_ab"] * float("nan")})),
+        ("score nudged (only the seal sees it)", lambda p: edit_json(
+            p / MAP_J, lambda m: m["scores"]["b_to_a"]["heldout_fve_per_dim"].__setitem__(30, 0.25), reseal=False)),
+        ("checksum deleted, resealed", lambda p: edit_json(p / MAP_J, set_at(["tensors_sha256"], None, delete=True))),
+        *seal_cases(MAP_J),
     ]
 
 
@@ -393,7 +466,7 @@ def _diff_cases() -> list:
             import pandas as pd
 
             fn(pd.read_parquet(p / "features.parquet")).to_parquet(p / "features.parquet")
-            drop_checksum(p / "config.json", "sha256")
+            update_checksum(p / "config.json", ["sha256", "features.parquet"], p / "features.parquet")
         return apply
 
     return [
@@ -405,11 +478,17 @@ def _diff_cases() -> list:
         ("table truncated", lambda p: truncate(p / "features.parquet")),
         ("table missing", lambda p: (p / "features.parquet").unlink()),
         ("table garbage", lambda p: (p / "features.parquet").write_bytes(b"PAR1" + b"\x00" * 100 + b"PAR1")),
-        ("table byte flipped (checksum)", lambda p: (p / "features.parquet").write_bytes(
-            (p / "features.parquet").read_bytes()[:200] + b"\xff" + (p / "features.parquet").read_bytes()[201:])),
+        ("table bit flipped (checksum)", lambda p: flip_bit(p / "features.parquet", 200)),
         ("column dropped", table(lambda df: df.drop(columns=["kind"]))),
-        ("table garbage, no checksum", lambda p: ((p / "features.parquet").write_bytes(b"garbage"),
-                                                  drop_checksum(p / "config.json", "sha256"))),
+        ("table garbage, checksum updated", lambda p: ((p / "features.parquet").write_bytes(b"garbage"),
+                                                       update_checksum(p / "config.json", ["sha256", "features.parquet"],
+                                                                       p / "features.parquet"))),
+        ("summary edited", lambda p: edit_json(p / "summary.json", set_at(["threshold"], 0.25))),
+        ("summary missing", lambda p: (p / "summary.json").unlink()),
+        ("contexts truncated", lambda p: truncate(p / "contexts.json")),
+        ("summary checksum deleted, resealed", lambda p: edit_json(
+            p / "config.json", lambda c: c["sha256"].pop("summary.json") and None)),
+        *seal_cases("config.json"),
     ]
 
 
@@ -418,7 +497,7 @@ CC_CFG, CC_W = "cfg.json", "crosscoder.safetensors"
 
 def _cc_cases() -> list:
     def weights(fn):
-        return lambda p: (rewrite_safetensors(p / CC_W, fn), drop_checksum(p / CC_CFG, "weights_sha256"))
+        return lambda p: (rewrite_safetensors(p / CC_W, fn), update_checksum(p / CC_CFG, ["weights_sha256"], p / CC_W))
 
     return [
         ("cfg malformed", lambda p: truncate(p / CC_CFG)),
@@ -435,12 +514,18 @@ def _cc_cases() -> list:
         ("scale negative", lambda p: edit_json(p / CC_CFG, set_at(["scale"], [-1.0, 1.0]))),
         ("weights truncated", lambda p: truncate(p / CC_W)),
         ("weights missing", lambda p: (p / CC_W).unlink()),
-        ("weights flipped (checksum)", lambda p: (p / CC_W).write_bytes((p / CC_W).read_bytes()[:-2] + b"\x7f\x7f")),
+        ("weights bit flipped (checksum)", lambda p: flip_bit(p / CC_W, -2)),
         ("W_dec transposed", weights(lambda t: {**t, "W_dec_LD": t["W_dec_LD"].T})),
         ("threshold missing", weights(lambda t: {k: v for k, v in t.items() if k != "threshold"})),
         ("int tensor", weights(lambda t: {**t, "b_enc_L": t["b_enc_L"].long()})),
         ("NaN weights", weights(lambda t: {**t, "b_dec_D": t["b_dec_D"] * float("nan")})),
+        ("weights checksum deleted, resealed", lambda p: edit_json(p / CC_CFG, set_at(["weights_sha256"], None,
+                                                                                     delete=True))),
+        *seal_cases(CC_CFG),
     ]
+
+
+LAST_CKPT = "checkpoints/step_0000005"  # RUN_OPTIONS: 5 steps of 256 tokens, the last one checkpointed
 
 
 def _run_cases() -> list:
@@ -448,6 +533,7 @@ def _run_cases() -> list:
         def apply(p):
             step = json.loads((p / "checkpoint.json").read_text())["dir"]
             rewrite_safetensors(p / step / "state.safetensors", fn)
+            update_checksum(p / step / "state.json", ["state_sha256"], p / step / "state.safetensors")
         return apply
 
     def ckpt_dir(p):
@@ -467,6 +553,11 @@ def _run_cases() -> list:
         ("weights wrong shape", state(lambda t: {**t, "model.W_enc_LD": t["model.W_enc_LD"][:10]})),
         ("since_fired missing", state(lambda t: {k: v for k, v in t.items() if k != "since_fired_L"})),
         ("since_fired float", state(lambda t: {**t, "since_fired_L": t["since_fired_L"].float()})),
+        ("state bit flipped (checksum)", lambda p: flip_bit(ckpt_dir(p) / "state.safetensors", -4)),
+        ("state checksum deleted, resealed", lambda p: edit_json(ckpt_dir(p) / "state.json",
+                                                                 set_at(["state_sha256"], None, delete=True))),
+        *seal_cases("checkpoint.json", versioned=False),
+        *seal_cases(f"{LAST_CKPT}/state.json", versioned=False),
     ]
 
 
@@ -474,6 +565,10 @@ MODEL_J, MODEL_W = "model.json", "model.safetensors"
 
 
 def _model_cases() -> list:
+    def weights(fn):
+        return lambda p: (rewrite_safetensors(p / MODEL_W, fn), update_checksum(p / MODEL_J, ["weights_sha256"],
+                                                                              p / MODEL_W))
+
     return [
         ("json malformed", lambda p: truncate(p / MODEL_J)),
         ("json a list", lambda p: (p / MODEL_J).write_text("[]")),
@@ -491,18 +586,68 @@ def _model_cases() -> list:
         ("weights missing", lambda p: (p / MODEL_W).unlink()),
         ("weights truncated", lambda p: truncate(p / MODEL_W)),
         ("weights garbage", lambda p: (p / MODEL_W).write_bytes(b"\xff" * 32)),
-        ("weights float16", lambda p: rewrite_safetensors(p / MODEL_W, lambda t: {k: v.half() for k, v in t.items()})),
-        ("tensor missing", lambda p: rewrite_safetensors(p / MODEL_W, lambda t: {k: v for k, v in t.items()
-                                                                                 if k != "embed.W_E"})),
-        ("tensor wrong shape", lambda p: rewrite_safetensors(p / MODEL_W, lambda t: {**t, "embed.W_E": t["embed.W_E"].T})),
-        ("int tensor", lambda p: rewrite_safetensors(p / MODEL_W, lambda t: {**t, "unembed.b_U": t["unembed.b_U"].long()})),
+        ("weights float16", weights(lambda t: {k: v.half() for k, v in t.items()})),
+        ("tensor missing", weights(lambda t: {k: v for k, v in t.items() if k != "embed.W_E"})),
+        ("tensor wrong shape", weights(lambda t: {**t, "embed.W_E": t["embed.W_E"].T})),
+        ("int tensor", weights(lambda t: {**t, "unembed.b_U": t["unembed.b_U"].long()})),
+        ("weight bit flipped (checksum)", lambda p: flip_bit(p / MODEL_W, -2)),
+        ("weights checksum deleted, resealed", lambda p: edit_json(p / MODEL_J, set_at(["weights_sha256"], None,
+                                                                                      delete=True))),
+        *seal_cases(MODEL_J),
+    ]
+
+
+CMP_J = "comparison.json"
+
+
+def _compare_cases() -> list:
+    return [
+        ("summary missing", lambda p: (p / CMP_J).unlink()),
+        ("summary malformed", lambda p: truncate(p / CMP_J)),
+        ("wrong version", lambda p: edit_json(p / CMP_J, set_at(["format_version"], 7))),
+        ("bridge bit flipped (checksum)", lambda p: flip_bit(p / "bridge.parquet", -20)),
+        ("curves edited", lambda p: (p / "precision_at_k.csv").write_text("k,precision\n1,1.0\n")),
+        ("bridge checksum deleted, resealed", lambda p: edit_json(p / CMP_J, lambda s: s["sha256"].pop("bridge.parquet")
+                                                                  and None)),
+        *seal_cases(CMP_J),
+    ]
+
+
+LAT_J, LAT_T = "latents.json", "latents.parquet"
+
+
+def _analysis_cases() -> list:
+    def table(fn):
+        def apply(p):
+            import pandas as pd
+
+            fn(pd.read_parquet(p / LAT_T)).to_parquet(p / LAT_T)
+            update_checksum(p / LAT_J, ["sha256", LAT_T], p / LAT_T)
+        return apply
+
+    return [
+        ("descriptor missing", lambda p: (p / LAT_J).unlink()),
+        ("descriptor malformed", lambda p: truncate(p / LAT_J)),
+        ("wrong kind", lambda p: edit_json(p / LAT_J, set_at(["kind"], "diffkit.FeatureDiff"))),
+        ("sha256 a list", lambda p: edit_json(p / LAT_J, set_at(["sha256"], []))),
+        ("table missing", lambda p: (p / LAT_T).unlink()),
+        ("table bit flipped (checksum)", lambda p: flip_bit(p / LAT_T, 100)),
+        ("table garbage, checksum updated", lambda p: ((p / LAT_T).write_bytes(b"PAR1 garbage"),
+                                                       update_checksum(p / LAT_J, ["sha256", LAT_T], p / LAT_T))),
+        ("column dropped", table(lambda df: df.drop(columns=["rel_norm_r_b"]))),
+        ("summary edited", lambda p: edit_json(p / "summary.json", lambda s: s.update(extra=1))),
+        ("summary a list, checksum updated", lambda p: ((p / "summary.json").write_text("[]"),
+                                                        update_checksum(p / LAT_J, ["sha256", "summary.json"],
+                                                                        p / "summary.json"))),
+        *seal_cases(LAT_J),
     ]
 
 
 CASES = [("store", *c) for c in _store_cases()] + [("sae", *c) for c in _sae_cases()] + \
     [("map", *c) for c in _map_cases()] + [("diff", *c) for c in _diff_cases()] + \
     [("crosscoder", *c) for c in _cc_cases()] + [("run", *c) for c in _run_cases()] + \
-    [("model", *c) for c in _model_cases()]
+    [("model", *c) for c in _model_cases()] + [("analysis", *c) for c in _analysis_cases()] + \
+    [("compare", *c) for c in _compare_cases()]
 
 
 @pytest.mark.parametrize("reader,name,damage", CASES, ids=[f"{r}: {n}" for r, n, _ in CASES])
@@ -513,6 +658,11 @@ def test_named_damage_is_a_one_line_error(reader, name, damage, copy_of, referen
 
 
 # -- the seeded random pass -----------------------------------------------------------------------
+# Every mutation draws from its own generator (seeded by reader, file and index) and chooses *where* by
+# the artifact's structure: a JSON slot by its index in document order, a JSON byte among the file's
+# structural characters, a binary byte by offset in a file whose length fixed shapes determine (or, for
+# the parquet tables, a file every byte of which a checksum covers). The fitted digits never decide
+# which mutation is made or whether a correct reader must refuse it.
 def mutate_bytes(data: bytes, rng: random.Random, lo: int = 0, hi: int | None = None) -> bytes:
     """Flip, truncate, insert or delete bytes; flips and inserts land in [lo, hi)."""
     hi = len(data) if hi is None else min(hi, len(data))
@@ -533,12 +683,11 @@ def mutate_bytes(data: bytes, rng: random.Random, lo: int = 0, hi: int | None = 
 
 
 ODD_VALUES = ["x", None, [], {}, True, -1, 10**30, 1.5, "DELETE"]
+PUNCT = frozenset(b'{}[]:,"')
 
 
-def mutate_json(text: str, rng: random.Random) -> str:
-    """Replace one randomly chosen value (any depth) by one of another type, a negative or huge number,
-    or delete it."""
-    obj = json.loads(text)
+def _slots(obj: Any) -> list:
+    """(container, key) of every value at any depth, in document order."""
     slots = []
 
     def walk(node):
@@ -548,6 +697,14 @@ def mutate_json(text: str, rng: random.Random) -> str:
             walk(v)
 
     walk(obj)
+    return slots
+
+
+def mutate_json(text: str, rng: random.Random) -> str:
+    """Replace one value (any depth, chosen by position) by one of another type, a negative or huge number,
+    or delete it."""
+    obj = json.loads(text)
+    slots = _slots(obj)
     if not slots:
         return "{}"
     node, key = rng.choice(slots)
@@ -559,44 +716,110 @@ def mutate_json(text: str, rng: random.Random) -> str:
     return json.dumps(obj)
 
 
+def nudge_json(text: str, rng: random.Random) -> str:
+    """Move one number (chosen by position) to a nearby valid value of its type: damage that no field
+    check can see (a score 1e-3 lower is still a score), only a checksum."""
+    obj = json.loads(text)
+    numbers = [(n, k) for n, k in _slots(obj) if type(n[k]) in (int, float)]
+    if not numbers:
+        return mutate_json(text, rng)
+    node, key = rng.choice(numbers)
+    x = node[key]
+    node[key] = x + 1 if isinstance(x, int) else x - (abs(x) + 1e-3) * 1e-3
+    return json.dumps(obj)
+
+
+def mutate_structure(data: bytes, rng: random.Random) -> bytes:
+    """Flip a bit of, delete, insert random bytes before, or cut the file at one structural character."""
+    at = rng.choice([i for i, c in enumerate(data) if c in PUNCT])
+    op = rng.choice(["flip", "delete", "insert", "truncate"])
+    buf = bytearray(data)
+    if op == "flip":
+        buf[at] ^= 1 << rng.randrange(8)
+    elif op == "delete":
+        del buf[at]
+    elif op == "insert":
+        buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+    else:
+        del buf[at:]
+    return bytes(buf)
+
+
 def _safetensors_header_end(data: bytes) -> int:
     return 8 + int.from_bytes(data[:8], "little")
 
 
-# (reader, file relative to the artifact, kind): "json" files get value and byte mutations; "bytes"
-# files get byte mutations anywhere; "header" files (no checksum) only in their header region.
+def parses_to_the_same(a: bytes, b: bytes) -> bool:
+    try:
+        return json.dumps(json.loads(a), sort_keys=True) == json.dumps(json.loads(b), sort_keys=True)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+# (reader, file relative to the artifact, kind, guarded). "json" files get value, structural byte and (when
+# guarded) number mutations; "bytes" files byte mutations anywhere; "header" / "npy-header" files (no checksum over
+# the payload) only in their header region. ``guarded``: a checksum covers the file, so any change to
+# what it holds must be refused (the issue's "no byte changes silently").
 RANDOM_TARGETS = [
-    ("store", "manifest.json", "json"), ("store", SHARD_A, "npy-header"),
-    ("store_full", SHARD_A, "bytes"), ("store_full", "tokens/shard_00001.ids.npy", "bytes"),
-    ("sae", SAE_CFG, "json"), ("sae", SAE_W, "header"),
-    ("map", MAP_J, "json"), ("map", MAP_T, "bytes"),
-    ("diff", "config.json", "json"), ("diff", "features.parquet", "bytes"),
-    ("crosscoder", CC_CFG, "json"), ("crosscoder", CC_W, "bytes"),
-    ("run", "train_config.json", "json"), ("run", "checkpoint.json", "json"),
-    ("model", MODEL_J, "json"), ("model", MODEL_W, "header"),
+    ("store", M, "json", True), ("store", SHARD_A, "npy-header", False),
+    ("store_full", SHARD_A, "bytes", True), ("store_full", "tokens/shard_00001.ids.npy", "bytes", True),
+    ("sae", SAE_CFG, "json", False), ("sae", SAE_W, "header", False),
+    ("map", MAP_J, "json", True), ("map", MAP_T, "bytes", True),
+    ("diff", "config.json", "json", True), ("diff", "features.parquet", "bytes", True),
+    ("diff", "summary.json", "json", True), ("diff", "contexts.json", "json", True),
+    ("crosscoder", CC_CFG, "json", True), ("crosscoder", CC_W, "bytes", True),
+    ("run", "train_config.json", "json", False), ("run", "checkpoint.json", "json", True),
+    ("run", f"{LAST_CKPT}/state.json", "json", True), ("run", f"{LAST_CKPT}/state.safetensors", "bytes", True),
+    ("model", MODEL_J, "json", True), ("model", MODEL_W, "bytes", True),
+    ("analysis", LAT_J, "json", True), ("analysis", LAT_T, "bytes", True), ("analysis", "summary.json", "json", True),
+    ("compare", CMP_J, "json", True), ("compare", "bridge.parquet", "bytes", True),
 ]
 
 
-@pytest.mark.parametrize("reader,rel,kind", RANDOM_TARGETS, ids=[f"{r}: {f}" for r, f, _ in RANDOM_TARGETS])
-def test_random_mutations_load_correctly_or_fail_in_one_line(reader, rel, kind, copy_of, references):
-    rng = random.Random(f"{SEED}:{reader}:{rel}")
+def random_pass(reader: str, rel: str, kind: str, guarded: bool, copy_of, references) -> dict:
     tally = {"ok": 0, "error": 0}
     for i in range(N_RANDOM):
+        rng = random.Random(f"{SEED}:{reader}:{rel}:{i}")
         path = copy_of(READERS[reader][0])
         target = path / rel
         data = target.read_bytes()
-        if kind == "json" and rng.random() < 0.7:
-            target.write_text(mutate_json(data.decode(), rng))
+        if kind == "json":
+            # A nudged number is a valid edit (k = 5 instead of 4 is another TopK SAE): only a checksum can
+            # refuse it, so unguarded files (sae-lens's cfg.json, the run's train_config.json) do not get it.
+            ops = ["value", "number", "structure"] if guarded else ["value", "structure"]
+            op = rng.choice(ops)
+            new = (mutate_json(data.decode(), rng).encode() if op == "value" else
+                   nudge_json(data.decode(), rng).encode() if op == "number" else mutate_structure(data, rng))
         elif kind == "header":
-            target.write_bytes(mutate_bytes(data, rng, 0, _safetensors_header_end(data)))
+            new = mutate_bytes(data, rng, 0, _safetensors_header_end(data))
         elif kind == "npy-header":
-            target.write_bytes(mutate_bytes(data, rng, 0, 128))
+            new = mutate_bytes(data, rng, 0, 128)
         else:
-            target.write_bytes(mutate_bytes(data, rng))
-        if target.read_bytes() == data:
+            new = mutate_bytes(data, rng)
+        if new == data:
             continue
-        tally[outcome(reader, path, references[reader], f"{reader}: {rel} mutation {i}")] += 1
+        target.write_bytes(new)
+        must_fail = guarded and not (kind == "json" and parses_to_the_same(new, data))
+        tally[outcome(reader, path, references[reader], f"{reader}: {rel} mutation {i}", must_fail)] += 1
+    return tally
+
+
+@pytest.mark.parametrize("reader,rel,kind,guarded", RANDOM_TARGETS, ids=[f"{r}: {f}" for r, f, _, _ in RANDOM_TARGETS])
+def test_random_mutations_load_correctly_or_fail_in_one_line(reader, rel, kind, guarded, copy_of, references):
+    tally = random_pass(reader, rel, kind, guarded, copy_of, references)
     assert tally["error"] > 0  # the pass damaged something that mattered
+
+
+def test_the_pass_catches_a_map_reader_without_a_checksum_over_its_scores(monkeypatch, copy_of, references):
+    """``LinearMap.load`` as it was before seals (every field validated, the tensors checksummed, nothing
+    over the scores): the same pass finds damage it accepts. The seal check is switched off to get it."""
+    import diffkit.io
+
+    references["map"]  # the reference is read by the sealed reader, before the switch
+    monkeypatch.setattr(diffkit.io, "verify_seal", lambda path, obj, fix: {k: v for k, v in obj.items()
+                                                                            if k != SEAL_KEY})
+    with pytest.raises(AssertionError, match="silent"):  # here: mutation 6 of 14, the same on every install
+        random_pass("map", MAP_J, "json", True, copy_of, references)
 
 
 # -- through the CLI ------------------------------------------------------------------------------

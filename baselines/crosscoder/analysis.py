@@ -53,12 +53,16 @@ import torch
 
 from diffkit.errors import DiffkitError
 from diffkit.metrics import cca_of_samples, mean_cca  # noqa: F401  (moved to diffkit.metrics; re-exported)
-from diffkit.store_format import atomic_write_json
+from diffkit.io import (atomic_write_bytes, first_line, json_bytes, read_sealed_json, sha256_bytes, verify_sha256,
+                        write_sealed_json)
 
 from .metrics import FveAccumulator
 from .model import CrossCoder
 
 LABELS = ("A-only", "B-only", "shared", "intermediate", "dead")
+LATENTS_KIND = "diffkit.LatentTable"
+LATENTS_FORMAT_VERSION = 1
+LATENTS_JSON = "latents.json"  # sealed (diffkit.io); the sha256 of every other file; written last
 
 
 @dataclass(frozen=True)
@@ -165,11 +169,12 @@ class _Pass:
 
 
 def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
-    """Run the analysis; write latents.parquet/.csv, summary.json, analyze_config.json in ``cfg.out``."""
+    """Run the analysis; write latents.parquet/.csv, summary.json, analyze_config.json in ``cfg.out``, then
+    ``latents.json`` (sealed, with their sha256s: read them back with :func:`load_latents`)."""
     from itertools import islice
 
     import pandas as pd
-    from tqdm import tqdm
+    from diffkit.progress import tqdm
 
     from diffkit.activations import ActivationStore
 
@@ -236,11 +241,53 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
 
     summary = _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead)
     summary["dec_cos_method"] = dec_cos_method
-    table.to_parquet(out / "latents.parquet", index=False)
-    table.to_csv(out / "latents.csv", index=False)
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_json(out / "analyze_config.json", asdict(cfg))
+    import io
+
+    (out / LATENTS_JSON).unlink(missing_ok=True)  # an old descriptor must not vouch for new files mid-write
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    files = {"latents.parquet": buf.getvalue(), "latents.csv": table.to_csv(index=False).encode(),
+             "summary.json": json_bytes(summary), "analyze_config.json": json_bytes(asdict(cfg))}
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    write_sealed_json(out / LATENTS_JSON, {"kind": LATENTS_KIND, "format_version": LATENTS_FORMAT_VERSION,
+                                           "config": asdict(cfg),
+                                           "sha256": {k: sha256_bytes(v) for k, v in files.items()}})
     return summary
+
+
+def _analysis_file(out: Path, name: str) -> Path:
+    """``out / name`` after checking the sealed descriptor and the file's recorded sha256."""
+    out = Path(out)
+    fix = f"run `diffkit crosscoder analyze --out {out}` again"
+    if not (out / LATENTS_JSON).exists():
+        raise DiffkitError(f"{out} is not a complete crosscoder analysis (no {LATENTS_JSON}): {fix}")
+    meta = read_sealed_json(out / LATENTS_JSON, LATENTS_KIND, LATENTS_FORMAT_VERSION, fix)
+    sums = meta.get("sha256")
+    verify_sha256(out / name, sums.get(name) if isinstance(sums, dict) else None, fix)
+    return out / name
+
+
+def load_latents(out: str | Path) -> Any:
+    """The LatentTable of an analysis directory; damage is a one-line DiffkitError, never a wrong table."""
+    import pandas as pd
+
+    path = _analysis_file(Path(out), "latents.parquet")
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - a checksummed file that still fails: report it, one line
+        raise DiffkitError(f"{path} cannot be read ({first_line(exc, 120)}): run the analysis again") from None
+    missing = [c for c in ("latent", "label", "dead", "rel_norm_r_b") if c not in table.columns]
+    if missing:
+        raise DiffkitError(f"{path} lacks the columns {missing}: run the analysis again")
+    return table
+
+
+def load_analysis_summary(out: str | Path) -> dict:
+    """``summary.json`` of an analysis directory, checked against its recorded sha256."""
+    from diffkit.io import read_json_object
+
+    return read_json_object(_analysis_file(Path(out), "summary.json"), "run the analysis again")
 
 
 def _dec_cos(model: CrossCoder, store) -> tuple[torch.Tensor, str]:

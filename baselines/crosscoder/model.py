@@ -54,7 +54,7 @@ ARCHS = ("l1", "batchtopk")
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "crosscoder.safetensors"
 KIND = "diffkit.CrossCoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cfg.json is sealed (diffkit.io)
 
 
 def strict_from_dict(cls: Any, data: dict, what: str) -> Any:
@@ -314,14 +314,14 @@ def save(model: CrossCoder, out: str | Path, extra: dict | None = None) -> Path:
     """Write ``cfg.json`` + ``crosscoder.safetensors`` into ``out`` (each atomically)."""
     from safetensors.torch import save as st_save
 
-    from diffkit.store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from diffkit.io import atomic_write_bytes, sha256_bytes, write_sealed_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = st_save(tensors)
     atomic_write_bytes(out / WEIGHTS_FILE, data)
-    atomic_write_json(out / CFG_FILE, {**cfg_to_json(model.cfg), "weights_sha256": sha256_bytes(data),
+    write_sealed_json(out / CFG_FILE, {**cfg_to_json(model.cfg), "weights_sha256": sha256_bytes(data),
                                        **({"info": extra} if extra else {})})
     return out
 
@@ -332,16 +332,15 @@ def load(path: str | Path, device: str = "cpu") -> CrossCoder:
     Strict: the config must have exactly the known keys of the right types, the weights file its
     recorded checksum, and every tensor its expected shape (checked before anything is allocated).
     """
-    from diffkit.store_format import check_tensors, load_safetensors, read_json_object, verify_sha256
+    from diffkit.io import check_tensors, load_safetensors, read_sealed_json, verify_sha256
 
     path = Path(path)
     fix = "train it again or point at another `diffkit crosscoder train --out`"
     if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise DiffkitError(f"{path} is not a crosscoder (needs {CFG_FILE} and {WEIGHTS_FILE}): point at the --out of "
                            "`diffkit crosscoder train`")
-    raw = read_json_object(path / CFG_FILE, fix)
-    if raw.pop("kind", None) != KIND or raw.pop("format_version", None) != FORMAT_VERSION:
-        raise DiffkitError(f"{path / CFG_FILE} is not a diffkit crosscoder config of format {FORMAT_VERSION}")
+    raw = read_sealed_json(path / CFG_FILE, KIND, FORMAT_VERSION, fix)
+    del raw["kind"], raw["format_version"]
     raw.pop("info", None)
     verify_sha256(path / WEIGHTS_FILE, raw.pop("weights_sha256", None), fix)
     cfg = strict_from_dict(CrossCoderConfig, raw, str(path / CFG_FILE))

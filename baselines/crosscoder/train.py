@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from diffkit.errors import DiffkitError
-from diffkit.store_format import atomic_write_bytes, atomic_write_json
+from diffkit.io import atomic_write_bytes, atomic_write_json, sha256_bytes, write_sealed_json
 
 from .metrics import FveAccumulator
 from .prefetch import prefetched
@@ -195,13 +195,14 @@ def write_checkpoint(out: Path, step: int, model: CrossCoder, opt: torch.optim.O
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / "state.safetensors", st_save(_state_tensors(model, opt, since_fired_L)))
-    atomic_write_json(tmp / "state.json", {"step": step, **extra})
+    data = st_save(_state_tensors(model, opt, since_fired_L))
+    atomic_write_bytes(tmp / "state.safetensors", data)
+    write_sealed_json(tmp / "state.json", {**extra, "step": step, "state_sha256": sha256_bytes(data)})
     for f in tmp.iterdir():  # durable before the pointer names it
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, folder)
-    atomic_write_json(out / POINTER_FILE, {"step": step, "dir": f"checkpoints/{name}"})
+    write_sealed_json(out / POINTER_FILE, {"step": step, "dir": f"checkpoints/{name}"})
     for old in root.iterdir():
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -210,20 +211,21 @@ def write_checkpoint(out: Path, step: int, model: CrossCoder, opt: torch.optim.O
 def read_checkpoint(out: Path) -> tuple[int, dict, dict] | None:
     """The last complete checkpoint named by ``checkpoint.json`` (None: none written yet); a damaged one is a
     one-line DiffkitError (its tensors are checked against the model in :func:`_restore`)."""
-    from diffkit.store_format import load_safetensors, read_json_object
+    from diffkit.io import load_safetensors, read_json_object, verify_seal, verify_sha256
 
     pointer = out / POINTER_FILE
     if not pointer.exists():
         return None
     fix = "the checkpoint is damaged: delete checkpoint.json to restart the run from step 0, or choose another --out"
-    info = read_json_object(pointer, fix)
+    info = verify_seal(pointer, read_json_object(pointer, fix), fix)
     step, rel = info.get("step"), info.get("dir")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or rel != f"checkpoints/step_{step:07d}":
         raise DiffkitError(f"{pointer} names step {repr(step)[:30]} in {repr(rel)[:60]}: {fix}")
     folder = out / rel
-    state = read_json_object(folder / "state.json", fix)
+    state = verify_seal(folder / "state.json", read_json_object(folder / "state.json", fix), fix)
     if state.get("step") != step:
         raise DiffkitError(f"{folder / 'state.json'} is of step {repr(state.get('step'))[:30]}, not {step}: {fix}")
+    verify_sha256(folder / "state.safetensors", state.get("state_sha256"), fix)
     return step, load_safetensors(folder / "state.safetensors", fix), state
 
 
@@ -343,7 +345,7 @@ def open_store(path: str):
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, threads: int | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Train a crosscoder as ``cfg`` says; return the final summary (also in ``train_summary.json``)."""
-    from tqdm import tqdm
+    from diffkit.progress import tqdm
 
     if threads:
         torch.set_num_threads(threads)

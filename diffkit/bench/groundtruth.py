@@ -175,7 +175,7 @@ def run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Pa
 
 def _run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Path, log: Callable[[str], None],
               progress: bool) -> CaseResult:
-    from baselines.crosscoder.analysis import AnalyzeConfig, analyze
+    from baselines.crosscoder.analysis import AnalyzeConfig, analyze, load_latents
     from baselines.crosscoder.model import load
     from baselines.crosscoder.train import TrainConfig, train
 
@@ -223,9 +223,7 @@ def _run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: P
         analyze(AnalyzeConfig(crosscoder=str(root / "crosscoder"), acts=str(root / "store"), out=str(root / "analysis"),
                               split="all", n_contexts=0, top_n=0), progress=False)
     seconds["crosscoder"] = time.perf_counter() - t
-    import pandas as pd
-
-    latents = pd.read_parquet(root / "analysis" / "latents.parquet")
+    latents = load_latents(root / "analysis")
     cc = load(str(root / "crosscoder"))
     dec_a, dec_b = (w.detach().numpy() for w in cc.split(cc.W_dec_LD.detach()))
     cc_fve = {s: float(summary["heldout"].get(f"fve_{s}", float("nan"))) for s in ("a", "b")}

@@ -370,13 +370,13 @@ def tile_store(src: str | Path, out: str | Path, repeats: int, log: Callable[[st
     Sequence numbers continue across the copies; file records (size, sha256) are the source's, so
     ``ActivationStore.open(out, verify="full")`` checks every copy. The manifest is written last.
     """
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     from ..activations import finish_manifest
-    from ..store_format import MANIFEST, atomic_write_json, shard_files
+    from ..store_format import read_manifest, shard_files, write_manifest
 
     src, out = Path(src), Path(out)
-    manifest = json.loads((src / MANIFEST).read_text())
+    manifest = read_manifest(src)
     if out.exists() and any(out.iterdir()):
         raise DiffkitError(f"{out} exists and is not empty: choose a new directory for the tiled store")
     shards = manifest["shards"]
@@ -400,7 +400,7 @@ def tile_store(src: str | Path, out: str | Path, repeats: int, log: Callable[[st
     manifest["tiled_from"] = {"store": str(src), "repeats": repeats}
     d = {src_: int(manifest["sources"][src_]["d_model"]) for src_ in ("a", "b")}
     finish_manifest(manifest, d)
-    atomic_write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return out
 
 

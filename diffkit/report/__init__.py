@@ -11,7 +11,6 @@ sections: :mod:`.sections`; markdown and CSV: :mod:`.markdown`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +45,9 @@ def load_run(compare_dir: str | Path, label: str | None = None, what: str | None
     import pandas as pd
 
     from ..compare import ANALYSIS_DIR, load_comparison
-    from ..diff import load_table
+    from baselines.crosscoder.analysis import load_analysis_summary, load_latents
+
+    from ..diff import load_diff_json, load_table
 
     if role not in ROLES:
         raise DiffkitError(f"unknown run role {role!r}: use one of {', '.join(ROLES)}")
@@ -58,15 +59,13 @@ def load_run(compare_dir: str | Path, label: str | None = None, what: str | None
     if not (align_dir / "summary.json").exists():
         raise DiffkitError(f"the FeatureDiff {align_dir} named by {compare_dir / 'comparison.json'} is gone: run "
                            "`diffkit align` and `diffkit compare` again")
-    contexts = {(c["side"], int(c["feature"])): c["contexts"]
-                for c in json.loads((align_dir / "contexts.json").read_text())} \
-        if (align_dir / "contexts.json").exists() else {}
+    contexts = {(c["side"], int(c["feature"])): c["contexts"] for c in load_diff_json(align_dir, "contexts.json")}
     st = s["store"]
     return RunData(label=label or f"{st['model_a']} vs {st['model_b']}",
                    what=what or f"{st['model_a']} vs {st['model_b']}", role=role, summary=s, bridge=comp.bridge,
-                   curves=comp.curves, latents=pd.read_parquet(analysis / "latents.parquet"),
-                   align_table=load_table(align_dir), align_summary=json.loads((align_dir / "summary.json").read_text()),
-                   align_contexts=contexts, cc_top=json.loads((analysis / "summary.json").read_text()).get("top", {}))
+                   curves=comp.curves, latents=load_latents(analysis),
+                   align_table=load_table(align_dir), align_summary=load_diff_json(align_dir, "summary.json"),
+                   align_contexts=contexts, cc_top=load_analysis_summary(analysis).get("top", {}))
 
 
 def _figure(name: str, alt: str, caption: str, command: str) -> list[str]:

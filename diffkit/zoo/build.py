@@ -179,7 +179,7 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
     ``saes_only`` keeps the existing models and retrains only their SAEs.
     """
     import torch
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     from . import ARTIFACTS, sae_subdir
     from ..models import load_checkpoint, save_checkpoint

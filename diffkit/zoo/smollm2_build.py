@@ -120,7 +120,7 @@ def _stages(cfg: Smollm2Config, out: Path, work: Path, progress: bool, run: _Run
     ft_dir, store_dir = work / "finetuned", work / "store"
 
     def do_finetune() -> dict:
-        from tqdm import tqdm
+        from ..progress import tqdm
 
         with tqdm(total=cfg.ft_steps, desc="fine-tune", unit="step", disable=not progress) as bar:
             def tick(step: int, loss: float) -> None:
