@@ -275,7 +275,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
     Returns the ``sae_train.json`` record (config, inputs, ``metrics``, seconds) with the metrics also at
     its top level (``rec["fve"]``, ``rec["l0"]``, ``rec["dead_fraction"]``).
     """
-    from tqdm import tqdm
+    from .progress import tqdm
     from sae_lens import SAETrainer
     from sae_lens import __version__ as sae_lens_version
 

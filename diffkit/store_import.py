@@ -169,7 +169,7 @@ def _check_inputs(cfg: ImportConfig) -> tuple[dict[str, _Array], np.ndarray, np.
 def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, log: Callable[[str], None] = lambda _: None) -> Any:
     """Write the store at ``out`` from ``cfg``'s arrays; return the collect-style summary."""
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from . import __version__
     from .activations import (CollectConfig, _clean_uncommitted, _prepare_out_dir, _seqs_per_shard, _shard_layout,
