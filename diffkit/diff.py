@@ -118,6 +118,8 @@ class AlignConfig:
     batch_size: int = 4096
     n_contexts: int = 3
     device: str = "cpu"
+    fdr: float = 0.1          # false-discovery rate of the calibrated verdict (diffkit.calibrate)
+    calibrate: bool = True    # model-level statistics, p/q-values and the verdict ride on the one pass
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
@@ -128,6 +130,8 @@ class AlignConfig:
             raise DiffkitError(f"unknown --rank-by {self.rank_by!r}: use one of {', '.join(RANKINGS)}")
         if self.split not in SPLITS:
             raise DiffkitError(f"unknown --split {self.split!r}: use one of {', '.join(SPLITS)}")
+        if not 0 < self.fdr < 1:
+            raise DiffkitError(f"--fdr is a false-discovery rate in (0, 1), got {self.fdr}")
         if self.k < 1 or self.batch_size < 1 or self.n_contexts < 0:
             raise DiffkitError("--k and --batch-size must be positive and --contexts non-negative")
 
@@ -328,10 +332,13 @@ def store_tokenizer(store: Any) -> Any:
 
 
 def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = AlignConfig(), progress: bool = False,
-          log: Callable[[str], None] = lambda _: None, extra: Sequence[StatAccumulator] = ()) -> FeatureDiff:
+          log: Callable[[str], None] = lambda _: None, extra: Sequence[StatAccumulator] = (),
+          null_saes: dict | None = None) -> FeatureDiff:
     """Run the training-free diff (module docstring); SAEs are :class:`~diffkit.saes.LoadedSAE`.
 
-    ``extra`` statistics are updated in the same pass over the store as align's own."""
+    ``extra`` statistics are updated in the same pass over the store as align's own (one with a
+    ``prepare(a_targets, b_targets, assignment)`` method is told the unmatched features before the pass).
+    ``null_saes``: {"a"|"b": a second LoadedSAE of that model}, the SAE-seed null of :mod:`diffkit.calibrate`."""
     from .saes import check_against_store
 
     t0 = time.perf_counter()
@@ -344,25 +351,33 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
     carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
     dirs_b = sae_b.W_dec.double().numpy()
     need_cross = cfg.cost != "cosine"
+    cal = {}
+    if cfg.calibrate:
+        from .calibrate import make_accumulators
+
+        cal = make_accumulators(store, sae_a, sae_b, carried, dirs_b, cfg.split, null_saes)
+        extra = [*extra, *cal.values()]
     if need_cross and sae_a.d_sae * sae_b.d_sae > 1 << 27:
         raise DiffkitError(f"--cost {cfg.cost} needs the full {sae_a.d_sae}×{sae_b.d_sae} correlation matrix: too "
                            "large; use --cost cosine for SAEs this size")
     # One pass over the store either way: a correlation cost needs the full cross sums before the
     # assignment; a cosine cost needs none, so the pass runs after it and sums only the pairs.
     if need_cross:
+        _prepare(extra, np.arange(sae_a.d_sae), np.arange(sae_b.d_sae), None)  # no assignment yet: every feature
         stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress, extra=extra)
         t_stats = time.perf_counter()
-        extra = correlation(stats["full"].numpy(), stats["a"], stats["b"])
-        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
+        corr = correlation(stats["full"].numpy(), stats["a"], stats["b"])
+        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=corr,
                      blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
-        pair_corr = extra[asg.pair_a, asg.pair_b]
+        pair_corr = corr[asg.pair_a, asg.pair_b]
     else:
         asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, device=cfg.device,
                      progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
+        _prepare(extra, asg.a_only, asg.b_only, asg)
         stats = _stat_pass(store, sae_a, sae_b, cfg, cross=False, pairs=(asg.pair_a, asg.pair_b), progress=progress,
                            extra=extra)
         t_stats = time.perf_counter()
@@ -374,6 +389,13 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                        {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
                         "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
                         "total": time.perf_counter() - t0})
+    if cal:
+        from .calibrate import calibrate
+
+        t_cal = time.perf_counter()
+        summary["calibration"] = calibrate(table, cal, stats, (sae_a, sae_b), cfg.threshold, cfg.fdr)
+        summary["seconds"]["calibrate"] = time.perf_counter() - t_cal
+        summary["seconds"]["total"] = time.perf_counter() - t0
     contexts = {}
     if cfg.n_contexts:
         tok = store_tokenizer(store)
@@ -381,6 +403,12 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
             for i in _top_features(table, side, 5):
                 contexts[(side, i)] = decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
     return FeatureDiff(table, asg, summary, cfg, contexts)
+
+
+def _prepare(extra: Sequence[StatAccumulator], a_targets: np.ndarray, b_targets: np.ndarray, asg: Any) -> None:
+    for acc in extra:
+        if hasattr(acc, "prepare"):
+            acc.prepare(np.asarray(a_targets), np.asarray(b_targets), asg)
 
 
 def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any) -> None:
