@@ -34,7 +34,41 @@ pair_corr              Pearson correlation over tokens of the two features' acti
 score                  the ``rank_by`` difference score (higher = more different); unmatched rows:
                        their activation mass (mean_act)
 rank                   1 = most different, within each kind
+r2_own_a, _b           held-out R² of an affine ridge probe predicting the feature's activation from
+                       its own model's raw residual (train split fit; :mod:`diffkit.calibrate`)
+r2_other_a, _b         the same probe from the *other* model's residual
+retention              r2_other / r2_own of the row's feature (shared rows: the lower of the two
+                       sides; NaN when r2_own < 0.05): ≈ 1 the other model carries it, ≈ 0 it does not
+many_to_one_r2         unmatched rows: R² of the feature's activation on the best 4 of the other
+                       SAE's features (greedy, among its 32 nearest by carried decoder cosine)
+p_exclusive            empirical p of the row's retention under the matched-pair null (calibrate)
+q_exclusive            Benjamini–Hochberg q of p_exclusive over the unmatched rows (NaN for shared)
+p_changed, q_changed   shared rows with pair_corr ≥ 0.5: p of |act_mass_log_ratio| under the SAE-seed
+                       null (``--null-sae-a/-b``) or the model-free empirical null; BH q over them
+seed_cosine_a, _b      with a seed SAE: decoder cosine of the feature's assigned seed-SAE partner
+verdict                ``a_only`` / ``b_only``: unmatched and q_exclusive ≤ fdr (and reproduced by
+                       the seed SAE when one is given); ``unmatched``: no partner, but no model-level
+                       evidence at the FDR; ``changed``: shared and q_changed ≤ fdr; else ``shared``
 =====================  ===========================================================================
+
+Calibrated verdict (``verdict``; ``--fdr``, default 0.1; :mod:`diffkit.calibrate` has the nulls).
+Why retention decides and many-to-one does not, measured on ``diffkit bench groundtruth``'s planted
+pairs (live unmatched SAE-A features; one run, 1 thread; the work folder's main case and seed-pair
+control):
+
+===============================  ==================  =====================  ======================
+case                             unmatched (live)    retention q ≤ 0.1      many-to-one R² < 0.25
+===============================  ==================  =====================  ======================
+seed-pair control (none planted)  126                 0                      126
+main case (32 A-only planted)     157                 31 (all 31 recovered   157
+                                                      planted A-only, no
+                                                      other)
+===============================  ==================  =====================  ======================
+
+A junk latent of one SAE is reproduced by nothing in the other SAE whatever the models share, so
+the SAE-level fit cannot tell it from a feature the other model lacks; the other model's residual
+can (planted exclusive: retention ≤ 0.02; matched features: median 0.86). ``kind`` keeps its old
+meaning (the assignment's call at the threshold); ``verdict`` is the calibrated one.
 
 Rank-by methods (:data:`RANKINGS`): ``act-mass`` |act_mass_log_ratio| (default); ``enc-norm``
 |enc_norm_diff|; ``enc-norm-robust`` |enc_norm_diff_robust|; ``freq`` |freq_log_ratio|;
@@ -421,6 +455,9 @@ def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any)
 
 def _top_features(table: Any, side: str, n: int) -> list[int]:
     only = table[table.kind == f"{side}_only"].head(n)[f"feature_{side}"].tolist()
+    if "verdict" in table:  # the calibrated calls are listed first in the summary and the reports
+        called = table[table.verdict == f"{side}_only"].sort_values("q_exclusive", kind="stable")
+        only = list(dict.fromkeys(called.head(n)[f"feature_{side}"].tolist() + only))
     shared = table[table.kind == "shared"]
     lean = shared.enc_norm_diff_robust > 0 if side == "a" else shared.enc_norm_diff_robust < 0
     return only + shared[lean].head(n)[f"feature_{side}"].tolist()
@@ -528,23 +565,31 @@ def format_summary(diff: FeatureDiff, top: int = 5) -> str:
              f"(10% {q['0.1']:.3f}, 90% {q['0.9']:.3f})",
              f"at threshold {s['threshold']:g}: {s['counts']['shared']} shared, {s['counts']['a_only']} A-only, "
              f"{s['counts']['b_only']} B-only (of {s['n_a']} A and {s['n_b']} B features; {s['tokens']:,} tokens)"]
+    cal = s.get("calibration")
+    if cal:
+        lines.append(f"calibrated: {cal['sentence']}; {cal['calls']['changed']} changed at FDR {100 * cal['fdr']:g}% "
+                     f"(of {cal['calls']['shared']} shared); null for changed: {cal['null_changed'].split(':')[0]}")
     for note in s["notes"]:
         lines.append(f"note: {note}")
     for side, name in (("a", "A"), ("b", "B")):
-        only = t[t.kind == f"{side}_only"].head(top)
-        lines.append(f"top {name}-only features (by activation mass):")
-        for _, r in only.iterrows():
+        only = t[t.kind == f"{side}_only"]
+        if cal:  # calls first (most significant first), then the rest by activation mass
+            only = only.assign(_call=only.verdict != f"{side}_only").sort_values(["_call", "q_exclusive"], kind="stable")
+        lines.append(f"top {name}-only features ({'calls at the FDR first, by q' if cal else 'by activation mass'}):")
+        for _, r in only.head(top).iterrows():
             i = int(r[f"feature_{side}"])
+            q = f" retention {r.retention:.2f} q {r.q_exclusive:.3g} {r.verdict}" if cal else ""
             lines.append(f"  {name}#{i:<6} freq {r[f'freq_{side}']:.4f} mean act {r[f'mean_act_{side}']:.4f} "
-                         f"best partner sim {r.similarity:.2f}")
+                         f"best partner sim {r.similarity:.2f}{q}")
             for ctx in diff.contexts.get((side, i), [])[:3]:
                 lines.append(f"      {ctx!r}")
     shared = t[t.kind == "shared"].head(top)
     lines.append(f"top shared pairs by {diff.config.rank_by} (most different first):")
     for _, r in shared.iterrows():
         a, b = int(r.feature_a), int(r.feature_b)
+        q = f", q_changed {r.q_changed:.3g}" if cal else ""
         lines.append(f"  A#{a:<6} ~ B#{b:<6} sim {r.similarity:.2f} score {r.score:.3f} enc norm {r.enc_norm_a:.3f} vs "
-                     f"{r.enc_norm_b:.3f}, freq {r.freq_a:.4f} vs {r.freq_b:.4f}, corr {r.pair_corr:.2f}")
+                     f"{r.enc_norm_b:.3f}, freq {r.freq_a:.4f} vs {r.freq_b:.4f}, corr {r.pair_corr:.2f}{q}")
         for ctx in (diff.contexts.get(("a", a)) or diff.contexts.get(("b", b)) or [])[:2]:
             lines.append(f"      {ctx!r}")
     return "\n".join(lines)

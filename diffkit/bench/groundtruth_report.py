@@ -77,7 +77,15 @@ def main_rows(case: CaseResult, control: CaseResult) -> list[tuple[str, Any, Any
         lambda m: s.changed[m].get("|act_mass_log_ratio|", float("nan")))
     row("changed strength: AUROC of the original method's |enc_norm_diff_robust|",
         lambda m: s.changed[m].get("|enc_norm_diff_robust|", float("nan")))
+    for side, name in (("a_only", "A-only"), ("b_only", "B-only")):
+        row(f"{name}: found, uncalibrated rule (align: unmatched; crosscoder: r alone)",
+            lambda m: s.detection_uncalibrated[m][side].found if s.detection_uncalibrated else float("nan"))
+        row(f"{name}: AUROC of 1 − retention (model-level score of diffkit.calibrate)",
+            lambda m: s.auroc_retention.get(m, {}).get(side, float("nan")))
+    row("calls at the FDR (calibrated rule): exclusive / uncalibrated-rule calls, main case",
+        lambda m: f"{s.counts[m]['exclusive']} / {s.counts[m].get('unmatched', '–')}")
     row("seed-pair control: FPR, live latents", lambda m: c.fpr[m]["live"])
+    row("seed-pair control: FPR, live latents, uncalibrated rule", lambda m: c.fpr[m].get("live_uncalibrated", float("nan")))
     row("seed-pair control: FPR, recovered latents", lambda m: c.fpr[m]["recovered"])
     rows.append(("wall time, s (align: map + align; SAE training listed below)", case.seconds["align"],
                  case.seconds["crosscoder"]))
@@ -199,10 +207,17 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              "Each side gets a real sae-lens TopK SAE trained by sae-lens's `SAETrainer` "
              f"({cfg.sae_width:g}× its planted features, k = {max(1, round(p.k))}, {cfg.sae_steps} steps × "
              f"{cfg.sae_batch}), saved in sae-lens's format and loaded by `diffkit.saes.load_sae`. **align**: "
-             "`LinearMap().fit(store)` + `diffkit.diff.align` at its defaults (cosine cost, threshold 0.5). "
+             "`LinearMap().fit(store)` + `diffkit.diff.align` at its defaults (cosine cost, threshold 0.5, "
+             "calibrated verdict at FDR 0.1). "
              f"**crosscoder**: BatchTopK, {cfg.cc_width:g}× the pair's planted features, {cfg.cc_steps} steps × "
-             f"{cfg.cc_batch}, then `analyze` (labels: A-only r ≤ 0.1, B-only r ≥ 0.9). Both read the same "
-             "ActivationStore.", "",
+             f"{cfg.cc_batch}, then `analyze` (labels: A-only r ≤ 0.1, B-only r ≥ 0.9; calibrated verdict at FDR "
+             "0.1). Both read the same ActivationStore.", "",
+             "Default rules are **calibrated** (`diffkit.calibrate`): a feature is called exclusive when the method's "
+             "own criterion says so (align: unmatched; crosscoder: r ≤ 0.1 / ≥ 0.9) *and* the model-level evidence "
+             "survives a null at FDR 10%: *retention* = held-out R² of an affine probe predicting the feature's "
+             "activation from the other model's residual ÷ the same from its own model's residual, its p-value "
+             "against the retentions of features the method calls shared, Benjamini–Hochberg q ≤ 0.1. The "
+             "uncalibrated rules are scored beside them.", "",
              "## How it is scored", "",
              f"- **Recovery**: a learned latent recovers planted feature f when the one-to-one (Hungarian) assignment "
              f"of its decoder direction to the generating dictionary pairs it with f at cosine ≥ τ = "
@@ -210,7 +225,8 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              "Items below are recovered latents, labelled by their feature's class.",
              "- **Exclusive detection** (A-only; B-only symmetric): items are latents recovering an A feature; "
              "positives those whose feature is A-only. Scores: align `1 − s`, s = similarity of the pair the "
-             "assignment gave the latent (−1 if none), so its rule *unmatched* is `score > 0.5`; crosscoder `1 − r` "
+             "assignment gave the latent (−1 if none), so its uncalibrated rule *unmatched* is `score > 0.5`; "
+             "crosscoder `1 − r` "
              "(B side: `r`), `r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖)`. AUROC = P(positive scores above negative), ties half. "
              "precision@k = planted-exclusive fraction of the k top-scored items, k = number of positive items. "
              "TPR / FPR: fraction of positive / negative items the method's own rule calls exclusive. *Found*: "
@@ -301,7 +317,9 @@ def format_groundtruth_summary(result: GroundTruthResult) -> str:
         pair = lambda key: f"{_fmt(h[key + '_a_only'], 2)}/{_fmt(h[key + '_b_only'], 2)}"  # noqa: E731
         lines.append(f"{m:<12}{pair('auroc'):>16}{pair('p_at_k'):>14}{pair('found'):>16}"
                      f"{_fmt(h['match_accuracy']):>10}{_fmt(changed):>14}{_fmt(control.fpr[m]['live']):>12}")
-    lines.append("control FPR: live latents called exclusive on the seed pair (no exclusive features planted); "
-                 f"over recovered latents: align {_fmt(control.fpr['align']['recovered'])}, crosscoder "
-                 f"{_fmt(control.fpr['crosscoder']['recovered'])}")
+    lines.append("control FPR: live latents called exclusive (calibrated rule, FDR 0.1) on the seed pair (no exclusive "
+                 f"features planted); over recovered latents: align {_fmt(control.fpr['align']['recovered'])}, "
+                 f"crosscoder {_fmt(control.fpr['crosscoder']['recovered'])}; uncalibrated rule, live: align "
+                 f"{_fmt(control.fpr['align'].get('live_uncalibrated', float('nan')))}, crosscoder "
+                 f"{_fmt(control.fpr['crosscoder'].get('live_uncalibrated', float('nan')))}")
     return "\n".join(lines)
