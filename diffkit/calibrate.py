@@ -29,7 +29,10 @@ Nulls and p-values (:func:`calibrate`):
 
 - **p_exclusive** (unmatched rows): one-sided empirical p-value of the row's retention against a
   reference set of retentions of features that are not exclusive,
-  ``p = (1 + #{ref ≤ retention}) / (1 + N_ref)``; 1 where retention is NaN. Reference set: the
+  ``p = (1 + #{ref ≤ retention}) / (1 + N_ref)``, below the reference's minimum continued by an
+  exponential tail ``exp(−(min ref − retention) / s) / (1 + N)``, s = 1.4826 · MAD of the reference
+  (:func:`tailed_p_lower`: without it BH cannot call fewer than ~0.1·N/m features); 1 where
+  retention is NaN. Reference set: the
   *matched-pair null* — retentions of the features (both sides) in pairs matched at similarity
   ≥ the threshold, i.e. shared by the assignment's own account; it needs no second SAE or model.
   Shared rows get the p-value of their lower retention (leave-one-in: conservative) and no q.
@@ -85,6 +88,24 @@ def empirical_p_lower(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     p = (1.0 + np.searchsorted(ref, np.where(np.isfinite(x), x, np.inf), side="right")) / (1.0 + len(ref))
     return np.minimum(p, 1.0)
+
+
+def tailed_p_lower(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """:func:`empirical_p_lower` with an exponential tail below the reference's minimum:
+    ``p = exp(−(min ref − x) / s) / (1 + N)``, s = 1.4826 · MAD(ref). The plain empirical p stops at
+    1 / (1 + N), so Benjamini–Hochberg could only call ≥ 0.1·(1 + N)/m... features at once: with fewer true
+    exclusives than that nothing would pass, however clear. Continuous at the minimum; equal above it."""
+    ref = np.asarray(ref, np.float64)
+    ref = ref[np.isfinite(ref)]
+    p = empirical_p_lower(x, ref)
+    if len(ref) < 3:
+        return p
+    x = np.asarray(x, np.float64)
+    lo = ref.min()
+    scale = max(1.4826 * float(np.median(np.abs(ref - np.median(ref)))), 1e-6)
+    below = np.isfinite(x) & (x < lo)
+    p[below] = np.exp(-(lo - x[below]) / scale) / (1.0 + len(ref))
+    return p
 
 
 def empirical_p_upper(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -514,7 +535,7 @@ def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float
     shared = kind == "shared"
     ref = np.concatenate([ra[shared], rb[shared]])
     ref = ref[np.isfinite(ref)]
-    p_ex = empirical_p_lower(row_ret, ref)
+    p_ex = tailed_p_lower(row_ret, ref)
     unmatched = ~shared
     table["p_exclusive"] = p_ex
     table["q_exclusive"] = np.where(unmatched, 0.0, np.nan)
@@ -560,7 +581,7 @@ def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float
     n_un = {s: int((kind == f"{s}_only").sum()) for s in ("a", "b")}
     n_call = {s: int((verdict == f"{s}_only").sum()) for s in ("a", "b")}
     null_ex = (f"matched-pair null: retention of the {len(ref)} features in pairs matched at similarity >= "
-               f"{threshold:g} (both sides); p = (1 + #{{ref <= retention}}) / (1 + N)")
+               f"{threshold:g} (both sides); p = (1 + #{{ref <= retention}}) / (1 + N), exponential tail below its min")
     if seed_cos:
         null_ex += "; an exclusive call also needs a seed-SAE partner at cosine >= the threshold"
     return {
@@ -586,5 +607,5 @@ def call_features(table: Any, side: str) -> np.ndarray:
     return rows[f"feature_{side}"].to_numpy()
 
 
-__all__: Sequence[str] = ("benjamini_hochberg", "empirical_p_lower", "empirical_p_upper", "robust_t_p",
+__all__: Sequence[str] = ("benjamini_hochberg", "empirical_p_lower", "tailed_p_lower", "empirical_p_upper", "robust_t_p",
                           "ProbeSums", "ManyToOneSums", "SeedSums", "calibrate", "make_accumulators", "probe_r2")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffkit.calibrate import (ProbeSums, benjamini_hochberg, empirical_p_lower, empirical_p_upper, robust_t_p,
-                               train_mask_fn)
+                               tailed_p_lower, train_mask_fn)
 
 
 # -- formulas against references ---------------------------------------------------------------------
@@ -45,6 +45,11 @@ def test_empirical_p_values_count_the_reference():
     ref = np.arange(1.0, 10.0)  # 1..9
     assert np.allclose(empirical_p_lower(np.array([0.5, 1.0, 5.0, np.nan]), ref), [0.1, 0.2, 0.6, 1.0])
     assert np.allclose(empirical_p_upper(np.array([9.5, 9.0]), ref), [0.1, 0.2])
+    # Below the reference: an exponential tail, continuous at the minimum, decreasing, never above 1/(1+N).
+    ref = np.linspace(0.8, 1.0, 99)
+    p = tailed_p_lower(np.array([0.8, 0.79, 0.5, 0.0, 0.9]), ref)
+    assert p[0] == pytest.approx(0.02) and p[1] < 0.01 and p[2] < p[1] and p[3] < 1e-6
+    assert p[4] == pytest.approx(empirical_p_lower(np.array([0.9]), ref)[0])
     # The t null: the median gets p = 1, a point 20 MADs out a small p.
     x = np.concatenate([np.linspace(-1, 1, 100), [20.0]])  # 101 values: the median is x[50]
     p = robust_t_p(x)

@@ -57,7 +57,9 @@ def planted_case(root: Path, config: PlantedConfig = CONFIG) -> dict:
     store = ActivationStore.open(root / "store")
     lmap = LinearMap().fit(store)
     lmap.save(root / "align" / "map")
-    diff = align(store, load_sae(str(root / "sae_a")), load_sae(str(root / "sae_b")), lmap, AlignConfig())
+    # The raw verdict: these tests pin the agreement arithmetic on an exact answer. (Calibrated, 2 of the 48
+    # B-only features are untestable here: own-residual R² < 0.05; tests/test_calibrate.py covers calibration.)
+    diff = align(store, load_sae(str(root / "sae_a")), load_sae(str(root / "sae_b")), lmap, AlignConfig(calibrate=False))
     save_diff(diff, root / "align", {"acts": str(root / "store"), "sae_a": str(root / "sae_a"),
                                      "sae_b": str(root / "sae_b"), "map": str(root / "align" / "map")})
     built_crosscoder(pair, store, root / "cc-built")

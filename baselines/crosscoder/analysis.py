@@ -37,7 +37,8 @@ Latent Decoupling of the L1 loss).
 Calibration (the same as align's, :mod:`diffkit.calibrate`): an exclusive label says the latent's
 decoder writes to one model only; the model-level check is whether the *other* model's residual
 still predicts the latent's activation (retention). Null: the retentions of the live latents
-labelled ``shared`` (``p = (1 + #{ref ≤ retention}) / (1 + N)``), Benjamini–Hochberg q over the
+labelled ``shared`` (``p = (1 + #{ref ≤ retention}) / (1 + N)``, exponential tail below its minimum:
+:func:`diffkit.calibrate.tailed_p_lower`), Benjamini–Hochberg q over the
 latents labelled A-only or B-only, ``fdr`` (default 0.1). Not an identical-model crosscoder (that
 is a second training run) nor a bootstrap (r is a property of the weights; tokens do not move it).
 
@@ -268,7 +269,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
 
 def _calibrate(table, pas: _Pass, fdr: float) -> dict:
     """Retention, p/q of the exclusive labels and the calibrated verdict (module docstring)."""
-    from diffkit.calibrate import R2_FLOOR, benjamini_hochberg, empirical_p_lower
+    from diffkit.calibrate import R2_FLOOR, benjamini_hochberg, tailed_p_lower
 
     r2a, r2b = pas.probe.r2("a", "a"), pas.probe.r2("b", "a")
     owner_b = table["rel_norm_r_b"].to_numpy() >= 0.5
@@ -278,7 +279,7 @@ def _calibrate(table, pas: _Pass, fdr: float) -> dict:
     label = table["label"].to_numpy()
     ref = ret[(label == "shared") & np.isfinite(ret)]
     fam = np.isin(label, ["A-only", "B-only"])
-    p = np.where(fam, empirical_p_lower(ret, ref), np.nan)
+    p = np.where(fam, tailed_p_lower(ret, ref), np.nan)
     q = benjamini_hochberg(p)
     table["r2_a"], table["r2_b"], table["retention"] = r2a, r2b, ret
     table["p_exclusive"], table["q_exclusive"] = p, q
@@ -368,6 +369,8 @@ def _top_latents(table, label: str, pas: _Pass, store, cfg: AnalyzeConfig) -> li
         ctxs = store.contexts(idxs[keep].numpy(), split=cfg.split, window=cfg.window) if bool(keep.any()) else []
         texts = [decode(ids[:off]) + "«" + decode(ids[off:off + 1]) + "»" + decode(ids[off + 1:]) for ids, off in ctxs]
         out.append({"latent": i, "freq": float(row["freq"]), "rel_norm_r_b": float(row["rel_norm_r_b"]),
+                    **({"q_exclusive": None if math.isnan(row["q_exclusive"]) else float(row["q_exclusive"])}
+                       if "q_exclusive" in row else {}),
                     "nu_err": None if math.isnan(row["nu_err"]) else float(row["nu_err"]),
                     "contexts": [{"act": float(v), "text": t} for v, t in zip(vals[keep].tolist(), texts)]})
     return out
