@@ -474,7 +474,15 @@ def make_accumulators(store: Any, sae_a: Any, sae_b: Any, carried: np.ndarray, d
     acc = {"probe": ProbeSums(store.d_model("a"), store.d_model("b"), sae_a.d_sae, sae_b.d_sae,
                               train_mask_fn(store, split)),
            "m2o": ManyToOneSums(carried, dirs_b)}
+    import torch
+
+    from .errors import DiffkitError
+
     for side, sae in (null_saes or {}).items():
+        own = sae_a if side == "a" else sae_b
+        if sae.W_dec.shape == own.W_dec.shape and torch.equal(sae.W_dec, own.W_dec):
+            raise DiffkitError(f"--null-sae-{side} {sae.spec} is model {side.upper()}'s SAE itself: pass a second SAE "
+                               "of that model (another training seed) for the SAE-seed null")
         acc[f"seed_{side}"] = SeedSums(side, sae, store.scale(side))
     return acc
 

@@ -169,3 +169,17 @@ def test_bad_inputs_fail_in_one_line(case, tmp_path):
     assert "has widths (48, 40)" in run(crosscoder=str(tmp_path / "cc-other"))
     with pytest.raises(DiffkitError, match="bridge-threshold"):
         CompareConfig(align="a", crosscoder="c", acts="s", out="o", bridge_threshold=2.0)
+
+
+def test_built_crosscoder_calls_are_calibrated_like_align(case):
+    """The built crosscoder's exclusive latents read one model only: the other model's residual cannot
+    predict them (retention ≈ 0), so their labels survive the null; shared latents' retention is high."""
+    import pandas as pd
+
+    lat = pd.read_parquet(case["root"] / "cmp-built" / "crosscoder-analysis" / "latents.parquet")
+    excl = lat[lat.label.isin(["A-only", "B-only"])]
+    assert len(excl) == 64 and (excl.verdict == excl.label).mean() >= 0.9
+    assert (excl.retention.dropna() < 0.2).all()
+    assert lat[lat.label == "shared"].retention.median() > 0.5
+    cal = json.loads((case["root"] / "cmp-built" / "crosscoder-analysis" / "summary.json").read_text())["calibration"]
+    assert cal["labelled"] == {"A-only": 16, "B-only": 48} and cal["sentence"].startswith(f"{cal['calls']['A-only']} A-only")

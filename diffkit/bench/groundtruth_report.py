@@ -282,6 +282,8 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
     ctl = pd.DataFrame([{"method": m, "live_latents": control.scores.counts[m]["live"],
                          "called_exclusive": control.scores.counts[m]["exclusive"],
                          "fpr_live": control.scores.fpr[m]["live"], "fpr_recovered": control.scores.fpr[m]["recovered"],
+                         "called_uncalibrated": control.scores.counts[m].get("unmatched", float("nan")),
+                         "fpr_live_uncalibrated": control.scores.fpr[m].get("live_uncalibrated", float("nan")),
                          "recovered_a": control.scores.recovered[m]["a"], "recovered_b": control.scores.recovered[m]["b"],
                          "match_accuracy": control.scores.matching[m]["accuracy"]} for m in METHODS])
     lines += tables.add("control", ctl)
@@ -297,9 +299,13 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
     lines += ["## Caveats", "",
               "- Items are recovered latents only; a feature an SAE or the crosscoder never learned is in no item "
               "(see the recovery rows). align needs *both* SAEs to learn a shared feature to match it; a shared "
-              "feature learned by one SAE only is unmatched and scores as exclusive.",
-              "- SAEs wider than their planted dictionary leave latents that recover nothing; align calls them "
-              "unmatched, so its FPR over live latents counts them — the FPR over recovered latents does not.",
+              "feature learned by one SAE only is unmatched (its calibrated verdict asks the other model's residual, "
+              "which still carries it, so it is not called exclusive).",
+              "- The calibrated rules never call a latent its own model's residual cannot linearly predict (held-out "
+              "R² < 0.05: no model-level evidence either way); junk latents of the wider-than-planted SAEs are such.",
+              "- SAEs wider than their planted dictionary leave latents that recover nothing; align's assignment "
+              "leaves them unmatched, so its uncalibrated FPR over live latents counts them — the FPR over recovered "
+              "latents does not, and the calibrated verdict does not call them.",
               "- One seed per point; the sweep curves show trends, not confidence intervals.", ""]
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
