@@ -200,14 +200,17 @@ class ProbeSums:
 
     Memory: per part (train, held-out) d_m² per model and features × d_m per (model, feature set),
     float32 when large (x is shifted by the first batch's mean, so float32 keeps ~6 digits of
-    centred sums). Features: all of them when the cross sums fit ``budget_bytes``; otherwise (told by
-    :meth:`prepare`) the unmatched features plus a seeded sample of ``null_sample`` others per side,
-    enough for the null — never n_a × d for 65k features when most are matched."""
+    centred sums). Features: all of them when the cross sums fit ``budget_bytes`` and the probes'
+    solves ``budget_flops``; otherwise (told by :meth:`prepare`) the unmatched features plus a seeded
+    sample of ``null_sample`` others per side, enough for the null (the other matched rows then have
+    NaN retention) — never n_a × d for 65k features when most are matched."""
 
     def __init__(self, d_a: int, d_b: int, n_a: int, n_b: int, train_mask: Any = None,
-                 budget_bytes: float = 1.5 * 2 ** 30, null_sample: int = 4096, seed: int = 0):
+                 budget_bytes: float = 1.5 * 2 ** 30, null_sample: int = 4096, seed: int = 0,
+                 budget_flops: float = 1e11):
         self.d, self.n = {"a": d_a, "b": d_b}, {"a": n_a, "b": n_b}
         self.train_mask, self.budget, self.null_sample, self.seed = train_mask, budget_bytes, null_sample, seed
+        self.budget_flops = budget_flops  # the probes' solve costs ~8·d² per (feature, model): 16k × d 1024 is 1.4e11
         self.cols: dict | None = None
         self.parts: dict = {}
         self.shift: dict | None = None
@@ -218,7 +221,8 @@ class ProbeSums:
         return parts * itemsize * sum(self.d[m] * n[s] for m in self.d for s in n)
 
     def prepare(self, a_targets: np.ndarray, b_targets: np.ndarray, assignment: Any = None) -> None:
-        if self._bytes(self.n, 4) <= self.budget:
+        flops = sum(8 * self.d[m] ** 2 * self.n[s] for m in self.d for s in self.n)
+        if self._bytes(self.n, 4) <= self.budget and flops <= self.budget_flops:
             return
         rng = np.random.default_rng(self.seed)
         self.cols = {}

@@ -38,7 +38,9 @@ r2_own_a, _b           held-out R² of an affine ridge probe predicting the feat
                        its own model's raw residual (train split fit; :mod:`diffkit.calibrate`)
 r2_other_a, _b         the same probe from the *other* model's residual
 retention              r2_other / r2_own of the row's feature (shared rows: the lower of the two
-                       sides; NaN when r2_own < 0.05): ≈ 1 the other model carries it, ≈ 0 it does not
+                       sides; NaN when r2_own < 0.05): ≈ 1 the other model carries it, ≈ 0 it does not.
+                       Large SAEs (probe sums > 1.5 GiB or solves > 1e11 FLOP, e.g. 16k × d 1024):
+                       only the unmatched features and a seeded 4096 of the matched ones per side
 many_to_one_r2         unmatched rows: R² of the feature's activation on the best 4 of the other
                        SAE's features (greedy, among its 32 nearest by carried decoder cosine)
 p_exclusive            empirical p of the row's retention under the matched-pair null (calibrate)

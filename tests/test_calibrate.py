@@ -91,6 +91,16 @@ def test_streamed_probe_r2_matches_one_shot_lstsq(budget):
         for s in ("a", "b"):
             ref = _probe_reference(x32[m][train], f32[s][train], x32[m][~train], f32[s][~train])
             assert np.allclose(acc.r2(m, s), ref, atol=tol), (m, s)
+    # Large SAEs: only the targets (unmatched) and a sample of the rest are probed, with the same values.
+    sub = ProbeSums(d_a, d_b, n_f, n_f, train_mask=lambda r0, m: torch.from_numpy(train[r0:r0 + m]),
+                    budget_flops=0, null_sample=2)
+    sub.prepare(np.array([0, 1]), np.array([3]))
+    for i in range(0, n, 512):
+        sl = slice(i, i + 512)
+        sub.update(t(xa[sl]), t(xb[sl]), t(fa[sl]), t(fb[sl]))
+    got, full = sub.r2("b", "a"), acc.r2("b", "a")
+    probed = np.isfinite(got)
+    assert probed[[0, 1]].all() and probed.sum() == 4 and np.allclose(got[probed], full[probed], atol=tol)
     # Without a mask: fitted and scored on the same rows.
     acc = ProbeSums(d_a, d_b, n_f, n_f)
     acc.update(t(xa), t(xb), t(fa), t(fb))
