@@ -9,15 +9,19 @@ Bridge table (one row per SAE feature of each side ``s`` ∈ {a, b}):
 ==================  ==============================================================================
 side, feature       the SAE and its feature index
 align_kind          ``shared`` / ``a_only`` / ``b_only`` (the FeatureDiff's verdict)
-align_flag          the feature is exclusive to its side per the FeatureDiff (``s_only``)
+align_flag          the feature is exclusive to its side per the FeatureDiff (``s_only``; the calibrated
+                    ``verdict`` when both tables have one, :mod:`diffkit.calibrate`)
+align_q, cc_q       q-values of the two calls (NaN when not calibrated or not in the tested family)
 align_excl          1 − similarity of the pair the assignment made (1 when it got no partner):
                     the training-free method's exclusivity score
 act_mass_log_ratio    the FeatureDiff's signed strength difference of a shared pair, log(A/B) centred (NaN otherwise)
 latent              crosscoder latent matched to the feature (−1: none at ``bridge_threshold``)
 bridge_cos          cos(W_dec_cc[latent, s-block], W_dec_SAE_s[feature]) of the assigned pair
 cc_r                the latent's relative decoder norm r = n_B / (n_A + n_B)
-cc_label            the latent's label from the analysis (A-only r ≤ 0.1, B-only r ≥ 0.9, ...)
-cc_flag             the latent is exclusive to side ``s`` (A-only for a, B-only for b)
+cc_label            the latent's label from the analysis (A-only r ≤ 0.1, B-only r ≥ 0.9, ...; its calibrated
+                    verdict, with ``unconfirmed``, when both tables are calibrated)
+cc_flag             the latent is exclusive to side ``s`` (A-only for a, B-only for b; calibrated
+                    ``verdict`` as for align_flag)
 cc_excl             the latent's share of side ``s``: 1 − r for a, r for b (crosscoder exclusivity)
 ==================  ==============================================================================
 
@@ -55,7 +59,9 @@ def bridge_table(align_table: Any, latents: Any, latent_by_side: dict, cos_by_si
     import pandas as pd
 
     r = latents["rel_norm_r_b"].to_numpy()
-    labels = latents["label"].to_numpy()
+    calibrated = "verdict" in align_table and "verdict" in latents
+    labels = latents["verdict" if calibrated else "label"].to_numpy()
+    cc_q = latents["q_exclusive"].to_numpy(np.float64) if calibrated else np.full(len(latents), np.nan)
     parts = []
     for side in SIDES:
         n = n_features[side]
@@ -67,7 +73,9 @@ def bridge_table(align_table: Any, latents: Any, latent_by_side: dict, cos_by_si
         cc_r = np.where(has, r[np.maximum(lat, 0)], np.nan)
         df = pd.DataFrame({
             "side": side, "feature": np.arange(n), "align_kind": rows["kind"].to_numpy(),
-            "align_flag": rows["kind"].to_numpy() == f"{side}_only",
+            # Calibrated calls when both tables have them (diffkit.calibrate), the raw verdicts otherwise.
+            "align_flag": rows["verdict" if calibrated else "kind"].to_numpy() == f"{side}_only",
+            "align_q": rows["q_exclusive"].to_numpy(np.float64) if calibrated else np.full(n, np.nan),
             "align_excl": np.where(np.isfinite(sim), 1.0 - sim, 1.0),
             "act_mass_log_ratio": (rows["act_mass_log_ratio"].to_numpy(dtype=np.float64)  # absent in older tables
                                    if "act_mass_log_ratio" in rows else np.full(n, np.nan)),
@@ -75,6 +83,7 @@ def bridge_table(align_table: Any, latents: Any, latent_by_side: dict, cos_by_si
             "latent": lat, "bridge_cos": cos_by_side[side], "cc_r": cc_r,
             "cc_label": np.where(has, labels[np.maximum(lat, 0)], ""),
             "cc_flag": has & (labels[np.maximum(lat, 0)] == ("A-only" if side == "a" else "B-only")),
+            "cc_q": np.where(has, cc_q[np.maximum(lat, 0)], np.nan),
             "cc_excl": (1.0 - cc_r) if side == "a" else cc_r})
         parts.append(df)
     return pd.concat(parts, ignore_index=True)

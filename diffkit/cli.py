@@ -402,9 +402,15 @@ def fit_map(acts, out, method, alpha, space, quiet):
 @click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
               help="Tokens of the store used for the activation statistics.")
 @click.option("--top", type=int, default=5, show_default=True, help="Features shown each way in the printed summary.")
+@click.option("--fdr", type=float, default=0.1, show_default=True,
+              help="False-discovery rate of the calibrated verdict (exclusive / changed calls; see diffkit.calibrate).")
+@click.option("--null-sae-a", default=None, help="A second SAE of model A (another seed): the SAE-seed null.")
+@click.option("--null-sae-b", default=None, help="A second SAE of model B (another seed): the SAE-seed null.")
+@click.option("--no-calibrate", is_flag=True, help="Skip the model-level statistics, p/q-values and verdict.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, rank_by, split, top, device, quiet):
+def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, rank_by, split, top, fdr, null_sae_a,
+          null_sae_b, no_calibrate, device, quiet):
     """Training-free diff: pair A's SAE features with B's through the map; report shared, A-only, B-only.
 
     Writes features.parquet / features.csv (one row per pair or unmatched feature, every score),
@@ -419,23 +425,27 @@ def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, r
 
     dev = _device(device)
     cfg = AlignConfig(threshold=DEFAULT_THRESHOLD if threshold is None else threshold, cost=cost, blend=blend,
-                      solver=solver, k=k, rank_by=rank_by, split=split, device=dev)
+                      solver=solver, k=k, rank_by=rank_by, split=split, device=dev, fdr=fdr, calibrate=not no_calibrate)
     store = ActivationStore.open(acts)
     lmap = LinearMap.load(map_dir) if map_dir is not None else None
     loaded_a, loaded_b = load_sae(sae_a), load_sae(sae_b)
+    nulls = {s: load_sae(spec) for s, spec in (("a", null_sae_a), ("b", null_sae_b)) if spec}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # align() checks again and reports its notes in the summary
         check_against_store(loaded_a, store, "a"), check_against_store(loaded_b, store, "b")  # before any fit
+        for side, null in nulls.items():
+            check_against_store(null, store, side)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the library returns its warnings; they are echoed below
         if lmap is None:
             lmap = LinearMap().fit(store, progress=not quiet)
             for msg in lmap.warnings_:
                 click.echo(f"warning: {msg}", err=True)
-        diff = run_align(store, loaded_a, loaded_b, lmap, cfg, progress=not quiet)
+        diff = run_align(store, loaded_a, loaded_b, lmap, cfg, progress=not quiet, null_saes=nulls)
     if map_dir is None:
         lmap.save(Path(out) / "map")
-    save_diff(diff, out, {"acts": str(acts), "sae_a": sae_a, "sae_b": sae_b,
+    save_diff(diff, out, {"acts": str(acts), "sae_a": sae_a, "sae_b": sae_b, "null_sae_a": null_sae_a,
+                          "null_sae_b": null_sae_b,
                           "map": str(map_dir) if map_dir is not None else str(Path(out) / "map")})
     click.echo(format_summary(diff, top=top))
     click.echo(f"{diff.summary['seconds']['total']:.1f} s; FeatureDiff written to {out}")

@@ -34,7 +34,49 @@ pair_corr              Pearson correlation over tokens of the two features' acti
 score                  the ``rank_by`` difference score (higher = more different); unmatched rows:
                        their activation mass (mean_act)
 rank                   1 = most different, within each kind
+r2_own_a, _b           held-out R² of an affine ridge probe predicting the feature's activation from
+                       its own model's raw residual (train split fit; :mod:`diffkit.calibrate`)
+r2_other_a, _b         the same probe from the *other* model's residual
+retention              r2_other / r2_own of the row's feature (shared rows: the lower of the two
+                       sides; NaN when r2_own < 0.05): ≈ 1 the other model carries it, ≈ 0 it does not.
+                       Large SAEs (probe sums > 1.5 GiB or solves > 1e11 FLOP, e.g. 16k × d 1024):
+                       only the unmatched features and a seeded 4096 of the matched ones per side
+many_to_one_r2         unmatched rows: R² of the feature's activation on the best 4 of the other
+                       SAE's features (greedy, among its 32 nearest by carried decoder cosine)
+p_exclusive            empirical p of the row's retention under the matched-pair null (calibrate)
+q_exclusive            Benjamini–Hochberg q of p_exclusive over the unmatched rows (NaN for shared)
+p_changed, q_changed   shared rows with pair_corr ≥ 0.5: p of |act_mass_log_ratio| under the SAE-seed
+                       null (``--null-sae-a/-b``) or the model-free empirical null; BH q over them
+seed_cosine_a, _b      with a seed SAE: decoder cosine of the feature's assigned seed-SAE partner
+verdict                ``a_only`` / ``b_only``: unmatched and q_exclusive ≤ fdr (and reproduced by
+                       the seed SAE when one is given); ``unmatched``: no partner, but no model-level
+                       evidence at the FDR; ``changed``: shared and q_changed ≤ fdr; else ``shared``
 =====================  ===========================================================================
+
+Calibrated verdict (``verdict``; ``--fdr``, default 0.1; :mod:`diffkit.calibrate` has the nulls).
+Why retention decides and many-to-one does not, measured on ``diffkit bench groundtruth``'s planted
+pairs (live unmatched SAE-A features; one run, 1 thread; the work folder's main case and seed-pair
+control):
+
+===============================  ==================  =====================  ======================
+case                             unmatched (live)    retention q ≤ 0.1      many-to-one R² < 0.25
+===============================  ==================  =====================  ======================
+seed-pair control (none planted)  126                 0                      126
+main case (32 A-only planted)     157                 31 (all 31 recovered   157
+                                                      planted A-only, no
+                                                      other)
+===============================  ==================  =====================  ======================
+
+A junk latent of one SAE is reproduced by nothing in the other SAE whatever the models share, so
+the SAE-level fit cannot tell it from a feature the other model lacks; the other model's residual
+can (planted exclusive: retention ≤ 0.02; matched features: median 0.89). On the control, 117 of
+the 126 are junk latents that their own residual cannot predict either (r2_own < 0.05: never
+called); the other 9 have retention ≈ 1. A nonlinear probe (an MLP, 512 hidden, on the same
+split) raises the own-residual R² (median 0.19 → 0.60) but separates no better (AUROC 1.0 either
+way; log1p(f) the same; the linear pre-activation worse, 0.999 with 4 of 31 below 0.5), and the
+linear probe is the one a single streamed pass gives in closed form, so retention is linear.
+``kind`` keeps its old meaning (the assignment's call at the threshold); ``verdict`` is the
+calibrated one.
 
 Rank-by methods (:data:`RANKINGS`): ``act-mass`` |act_mass_log_ratio| (default); ``enc-norm``
 |enc_norm_diff|; ``enc-norm-robust`` |enc_norm_diff_robust|; ``freq`` |freq_log_ratio|;
@@ -118,6 +160,8 @@ class AlignConfig:
     batch_size: int = 4096
     n_contexts: int = 3
     device: str = "cpu"
+    fdr: float = 0.1          # false-discovery rate of the calibrated verdict (diffkit.calibrate)
+    calibrate: bool = True    # model-level statistics, p/q-values and the verdict ride on the one pass
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
@@ -128,6 +172,8 @@ class AlignConfig:
             raise DiffkitError(f"unknown --rank-by {self.rank_by!r}: use one of {', '.join(RANKINGS)}")
         if self.split not in SPLITS:
             raise DiffkitError(f"unknown --split {self.split!r}: use one of {', '.join(SPLITS)}")
+        if not 0 < self.fdr < 1:
+            raise DiffkitError(f"--fdr is a false-discovery rate in (0, 1), got {self.fdr}")
         if self.k < 1 or self.batch_size < 1 or self.n_contexts < 0:
             raise DiffkitError("--k and --batch-size must be positive and --contexts non-negative")
 
@@ -328,10 +374,13 @@ def store_tokenizer(store: Any) -> Any:
 
 
 def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = AlignConfig(), progress: bool = False,
-          log: Callable[[str], None] = lambda _: None, extra: Sequence[StatAccumulator] = ()) -> FeatureDiff:
+          log: Callable[[str], None] = lambda _: None, extra: Sequence[StatAccumulator] = (),
+          null_saes: dict | None = None) -> FeatureDiff:
     """Run the training-free diff (module docstring); SAEs are :class:`~diffkit.saes.LoadedSAE`.
 
-    ``extra`` statistics are updated in the same pass over the store as align's own."""
+    ``extra`` statistics are updated in the same pass over the store as align's own (one with a
+    ``prepare(a_targets, b_targets, assignment)`` method is told the unmatched features before the pass).
+    ``null_saes``: {"a"|"b": a second LoadedSAE of that model}, the SAE-seed null of :mod:`diffkit.calibrate`."""
     from .saes import check_against_store
 
     t0 = time.perf_counter()
@@ -344,25 +393,33 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
     carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
     dirs_b = sae_b.W_dec.double().numpy()
     need_cross = cfg.cost != "cosine"
+    cal = {}
+    if cfg.calibrate:
+        from .calibrate import make_accumulators
+
+        cal = make_accumulators(store, sae_a, sae_b, carried, dirs_b, cfg.split, null_saes)
+        extra = [*extra, *cal.values()]
     if need_cross and sae_a.d_sae * sae_b.d_sae > 1 << 27:
         raise DiffkitError(f"--cost {cfg.cost} needs the full {sae_a.d_sae}×{sae_b.d_sae} correlation matrix: too "
                            "large; use --cost cosine for SAEs this size")
     # One pass over the store either way: a correlation cost needs the full cross sums before the
     # assignment; a cosine cost needs none, so the pass runs after it and sums only the pairs.
     if need_cross:
+        _prepare(extra, np.arange(sae_a.d_sae), np.arange(sae_b.d_sae), None)  # no assignment yet: every feature
         stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress, extra=extra)
         t_stats = time.perf_counter()
-        extra = correlation(stats["full"].numpy(), stats["a"], stats["b"])
-        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
+        corr = correlation(stats["full"].numpy(), stats["a"], stats["b"])
+        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=corr,
                      blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
-        pair_corr = extra[asg.pair_a, asg.pair_b]
+        pair_corr = corr[asg.pair_a, asg.pair_b]
     else:
         asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, device=cfg.device,
                      progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
+        _prepare(extra, asg.a_only, asg.b_only, asg)
         stats = _stat_pass(store, sae_a, sae_b, cfg, cross=False, pairs=(asg.pair_a, asg.pair_b), progress=progress,
                            extra=extra)
         t_stats = time.perf_counter()
@@ -374,6 +431,13 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                        {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
                         "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
                         "total": time.perf_counter() - t0})
+    if cal:
+        from .calibrate import calibrate
+
+        t_cal = time.perf_counter()
+        summary["calibration"] = calibrate(table, cal, stats, (sae_a, sae_b), cfg.threshold, cfg.fdr)
+        summary["seconds"]["calibrate"] = time.perf_counter() - t_cal
+        summary["seconds"]["total"] = time.perf_counter() - t0
     contexts = {}
     if cfg.n_contexts:
         tok = store_tokenizer(store)
@@ -381,6 +445,12 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
             for i in _top_features(table, side, 5):
                 contexts[(side, i)] = decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
     return FeatureDiff(table, asg, summary, cfg, contexts)
+
+
+def _prepare(extra: Sequence[StatAccumulator], a_targets: np.ndarray, b_targets: np.ndarray, asg: Any) -> None:
+    for acc in extra:
+        if hasattr(acc, "prepare"):
+            acc.prepare(np.asarray(a_targets), np.asarray(b_targets), asg)
 
 
 def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any) -> None:
@@ -393,6 +463,9 @@ def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any)
 
 def _top_features(table: Any, side: str, n: int) -> list[int]:
     only = table[table.kind == f"{side}_only"].head(n)[f"feature_{side}"].tolist()
+    if "verdict" in table:  # the calibrated calls are listed first in the summary and the reports
+        called = table[table.verdict == f"{side}_only"].sort_values("q_exclusive", kind="stable")
+        only = list(dict.fromkeys(called.head(n)[f"feature_{side}"].tolist() + only))
     shared = table[table.kind == "shared"]
     lean = shared.enc_norm_diff_robust > 0 if side == "a" else shared.enc_norm_diff_robust < 0
     return only + shared[lean].head(n)[f"feature_{side}"].tolist()
@@ -518,23 +591,31 @@ def format_summary(diff: FeatureDiff, top: int = 5) -> str:
              f"(10% {q['0.1']:.3f}, 90% {q['0.9']:.3f})",
              f"at threshold {s['threshold']:g}: {s['counts']['shared']} shared, {s['counts']['a_only']} A-only, "
              f"{s['counts']['b_only']} B-only (of {s['n_a']} A and {s['n_b']} B features; {s['tokens']:,} tokens)"]
+    cal = s.get("calibration")
+    if cal:
+        lines.append(f"calibrated: {cal['sentence']}; {cal['calls']['changed']} changed at FDR {100 * cal['fdr']:g}% "
+                     f"(of {cal['calls']['shared']} shared); null for changed: {cal['null_changed'].split(':')[0]}")
     for note in s["notes"]:
         lines.append(f"note: {note}")
     for side, name in (("a", "A"), ("b", "B")):
-        only = t[t.kind == f"{side}_only"].head(top)
-        lines.append(f"top {name}-only features (by activation mass):")
-        for _, r in only.iterrows():
+        only = t[t.kind == f"{side}_only"]
+        if cal:  # calls first (most significant first), then the rest by activation mass
+            only = only.assign(_call=only.verdict != f"{side}_only").sort_values(["_call", "q_exclusive"], kind="stable")
+        lines.append(f"top {name}-only features ({'calls at the FDR first, by q' if cal else 'by activation mass'}):")
+        for _, r in only.head(top).iterrows():
             i = int(r[f"feature_{side}"])
+            q = f" retention {r.retention:.2f} q {r.q_exclusive:.3g} {r.verdict}" if cal else ""
             lines.append(f"  {name}#{i:<6} freq {r[f'freq_{side}']:.4f} mean act {r[f'mean_act_{side}']:.4f} "
-                         f"best partner sim {r.similarity:.2f}")
+                         f"best partner sim {r.similarity:.2f}{q}")
             for ctx in diff.contexts.get((side, i), [])[:3]:
                 lines.append(f"      {ctx!r}")
     shared = t[t.kind == "shared"].head(top)
     lines.append(f"top shared pairs by {diff.config.rank_by} (most different first):")
     for _, r in shared.iterrows():
         a, b = int(r.feature_a), int(r.feature_b)
+        q = f", q_changed {r.q_changed:.3g}" if cal else ""
         lines.append(f"  A#{a:<6} ~ B#{b:<6} sim {r.similarity:.2f} score {r.score:.3f} enc norm {r.enc_norm_a:.3f} vs "
-                     f"{r.enc_norm_b:.3f}, freq {r.freq_a:.4f} vs {r.freq_b:.4f}, corr {r.pair_corr:.2f}")
+                     f"{r.enc_norm_b:.3f}, freq {r.freq_a:.4f} vs {r.freq_b:.4f}, corr {r.pair_corr:.2f}{q}")
         for ctx in (diff.contexts.get(("a", a)) or diff.contexts.get(("b", b)) or [])[:2]:
             lines.append(f"      {ctx!r}")
     return "\n".join(lines)

@@ -61,6 +61,7 @@ class Assignment:
     solver: str
     k: int | None = None
     seconds: dict = field(default_factory=dict)
+    candidates: tuple | None = None  # sparse solver: its candidate graph (edge_a, edge_b, similarity), reused downstream
 
     @property
     def matched(self) -> np.ndarray:
@@ -263,12 +264,14 @@ def assign_sparse(dirs_a: Any, dirs_b: Any, threshold: float, k: int = 32, chunk
         if edge_similarity(ua, ub, alt[0], alt[1]).astype(np.float64).sum() > \
                 edge_similarity(ua, ub, rows, cols).astype(np.float64).sum():
             rows, cols, k_used = alt
+    ea, eb, esim = cache[1][:3]
     if swap:
-        rows, cols, ua, ub = cols, rows, ub, ua
+        rows, cols, ua, ub, ea, eb = cols, rows, ub, ua, eb, ea
     order = np.argsort(rows)
     rows, cols = rows[order], cols[order]
     sim = edge_similarity(ua, ub, rows, cols)
-    return Assignment(len(ua), len(ub), rows, cols, sim, threshold, "sparse", k=k_used, seconds=seconds)
+    return Assignment(len(ua), len(ub), rows, cols, sim, threshold, "sparse", k=k_used, seconds=seconds,
+                      candidates=(ea, eb, esim))
 
 
 def assign(dirs_a: Any, dirs_b: Any, threshold: float, solver: str = "auto", k: int = 32,

@@ -53,6 +53,10 @@ def test_seed_pair_control_false_positive_rates(bench):
     assert c.fpr["align"]["recovered"] <= 0.25
     # ...far less often than on the main case's planted exclusives (its TPR).
     assert c.fpr["align"]["recovered"] < result.main.scores.detection["align"]["a_only"].rule_tpr - 0.4
+    # Calibrated (diffkit.calibrate, FDR 0.1): the SAE-noise calls of the uncalibrated rule (unmatched
+    # live latents, ~28% here) do not survive; the planted exclusives of the main case mostly do.
+    assert c.fpr["align"]["live"] <= 0.05 < c.fpr["align"]["live_uncalibrated"]
+    assert result.main.scores.detection["align"]["a_only"].found >= 0.5
 
 
 def test_report_is_well_formed(bench):

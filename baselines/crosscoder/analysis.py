@@ -14,6 +14,12 @@ LatentTable columns (one row per latent; norms are of the decoder in normalized 
     freq              fraction of tokens where f_i > 0
     mean_act          mean_t f_i,t;  mean_act_active: mean over tokens where f_i > 0
     beta_{rec,err}_{a,b}, nu_{rec,err}   Latent Scaling (exclusive latents; see below)
+    r2_a, r2_b        R² of an affine ridge probe of the latent's activation from A's / B's residual
+                      alone (:func:`diffkit.calibrate.probe_r2`; held-out when the analysed split has both)
+    retention         R²(other) / R²(owner), owner = A if r < 0.5 else B (NaN if R²(owner) < 0.05)
+    p_exclusive, q_exclusive   calibration of the A-only / B-only labels (below); NaN for other labels
+    verdict           the label, except an A-only / B-only label with q_exclusive > fdr becomes
+                      ``unconfirmed``: the calibrated call the head to head compares with align's
 
 Labels from r: ``A-only`` if r ≤ 0.1, ``B-only`` if r ≥ 0.9, ``shared`` if 0.3 ≤ r ≤ 0.7,
 ``intermediate`` otherwise (the thresholds are options; r ≤ 0.1 is Δ ≤ 1/18).
@@ -27,6 +33,14 @@ with ``y = x̂_m`` (reconstruction, β_rec) or ``y = x_m − x̂_m + f_j W_dec[j
 latent's own contribution put back, β_err). ``ν = β_other / β_owner``: near 0 for a truly
 exclusive latent; near 1 means the other model also carries the direction (Complete Shrinkage or
 Latent Decoupling of the L1 loss).
+
+Calibration (the same as align's, :mod:`diffkit.calibrate`): an exclusive label says the latent's
+decoder writes to one model only; the model-level check is whether the *other* model's residual
+still predicts the latent's activation (retention). Null: the retentions of the live latents
+labelled ``shared`` (``p = (1 + #{ref ≤ retention}) / (1 + N)``, exponential tail below its minimum:
+:func:`diffkit.calibrate.tailed_p_lower`), Benjamini–Hochberg q over the
+latents labelled A-only or B-only, ``fdr`` (default 0.1). Not an identical-model crosscoder (that
+is a second training run) nor a bootstrap (r is a property of the weights; tokens do not move it).
 
 Summary scores (formulas also written into ``summary.json``):
 
@@ -77,6 +91,7 @@ class AnalyzeConfig:
     shared_lo: float = 0.3
     shared_hi: float = 0.7
     top_n: int = 5                 # top latents each way in the summary
+    fdr: float = 0.1               # false-discovery rate of the calibrated verdict
     n_contexts: int = 4            # top-activating contexts per listed latent
     window: int = 24
 
@@ -112,9 +127,12 @@ def sharedness(r: torch.Tensor, weight: torch.Tensor) -> float:
 class _Pass:
     """Streaming sums over the analysed tokens (memory O(L·n_contexts + D²))."""
 
-    def __init__(self, model: CrossCoder, excl: torch.Tensor, owner: torch.Tensor, n_ctx: int):
+    def __init__(self, model: CrossCoder, excl: torch.Tensor, owner: torch.Tensor, n_ctx: int, train_mask=None):
+        from diffkit.calibrate import ProbeSums
+
         cfg = model.cfg
         L = cfg.dict_size
+        self.probe = ProbeSums(cfg.d_in[0], cfg.d_in[1], L, 0, train_mask) if len(cfg.d_in) == 2 else None
         self.model, self.n_ctx = model, n_ctx
         self.count_L = torch.zeros(L, dtype=torch.float64)
         self.sum_L = torch.zeros(L, dtype=torch.float64)
@@ -144,6 +162,8 @@ class _Pass:
         f = out.f_BL
         xs, xh = model.split(x_BD), model.split(out.x_hat_BD)
         self.acc.update(xs, xh, float((f > 0).sum()))
+        if self.probe is not None:
+            self.probe.update(xs[0], xs[1], f, f[:, :0])
         self.count_L += (f > 0).sum(0).double()
         self.sum_L += f.sum(0).double()
         n = min(self.n_ctx, f.shape[0])
@@ -202,7 +222,9 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     r, delta = relative_norms(n_A, n_B)
     excl = torch.nonzero((r <= cfg.exclusive_r) | (r >= 1 - cfg.exclusive_r)).flatten()
     owner = (r[excl] >= 0.5).long()  # 0: A owns it, 1: B
-    pas = _Pass(model, excl, owner, cfg.n_contexts)
+    from diffkit.calibrate import train_mask_fn
+
+    pas = _Pass(model, excl, owner, cfg.n_contexts, train_mask_fn(store, cfg.split))
     n_tok = min(cfg.tokens, store.n_tokens(cfg.split))
     n_batches = -(-n_tok // cfg.batch_size)
     it = store.iter_batches(cfg.batch_size, split=cfg.split, shuffle=False, drop_last=False)
@@ -239,8 +261,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
             table.loc[idx, "nu_err"] = beta_err[1 - o, ar].numpy() / beta_err[o, ar].numpy()
     table.loc[dead.numpy(), [c for c in table.columns if c.startswith(("beta", "nu"))]] = np.nan
 
+    calibration = _calibrate(table, pas, cfg.fdr)
     summary = _summary(cfg, model, store, pas, table, r, mean_act, n_A, n_B, dead)
     summary["dec_cos_method"] = dec_cos_method
+    summary["calibration"] = calibration
     import io
 
     (out / LATENTS_JSON).unlink(missing_ok=True)  # an old descriptor must not vouch for new files mid-write
@@ -288,6 +312,31 @@ def load_analysis_summary(out: str | Path) -> dict:
     from diffkit.io import read_json_object
 
     return read_json_object(_analysis_file(Path(out), "summary.json"), "run the analysis again")
+
+
+def _calibrate(table, pas: _Pass, fdr: float) -> dict:
+    """Retention, p/q of the exclusive labels and the calibrated verdict (module docstring)."""
+    from diffkit.calibrate import R2_FLOOR, benjamini_hochberg, tailed_p_lower
+
+    r2a, r2b = pas.probe.r2("a", "a"), pas.probe.r2("b", "a")
+    owner_b = table["rel_norm_r_b"].to_numpy() >= 0.5
+    own, other = np.where(owner_b, r2b, r2a), np.where(owner_b, r2a, r2b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ret = np.where(own >= R2_FLOOR, np.clip(other, 0, None) / own, np.nan)
+    label = table["label"].to_numpy()
+    ref = ret[(label == "shared") & np.isfinite(ret)]
+    fam = np.isin(label, ["A-only", "B-only"])
+    p = np.where(fam, tailed_p_lower(ret, ref), np.nan)
+    q = benjamini_hochberg(p)
+    table["r2_a"], table["r2_b"], table["retention"] = r2a, r2b, ret
+    table["p_exclusive"], table["q_exclusive"] = p, q
+    table["verdict"] = np.where(fam & ~(q <= fdr), "unconfirmed", label)
+    n = {lab: int((label == lab).sum()) for lab in ("A-only", "B-only")}
+    calls = {lab: int((table["verdict"].to_numpy() == lab).sum()) for lab in ("A-only", "B-only")}
+    return {"fdr": fdr, "calls": calls, "labelled": n, "heldout_probe": "heldout" in pas.probe.parts,
+            "null_exclusive": f"shared-latent null: retention of the {len(ref)} live latents labelled shared",
+            "sentence": f"{calls['A-only']} A-only at FDR {100 * fdr:g}% (of {n['A-only']} labelled), {calls['B-only']} "
+                        f"B-only (of {n['B-only']} labelled); null: shared-latent null"}
 
 
 def _dec_cos(model: CrossCoder, store) -> tuple[torch.Tensor, str]:
@@ -367,6 +416,8 @@ def _top_latents(table, label: str, pas: _Pass, store, cfg: AnalyzeConfig) -> li
         ctxs = store.contexts(idxs[keep].numpy(), split=cfg.split, window=cfg.window) if bool(keep.any()) else []
         texts = [decode(ids[:off]) + "«" + decode(ids[off:off + 1]) + "»" + decode(ids[off + 1:]) for ids, off in ctxs]
         out.append({"latent": i, "freq": float(row["freq"]), "rel_norm_r_b": float(row["rel_norm_r_b"]),
+                    **({"q_exclusive": None if math.isnan(row["q_exclusive"]) else float(row["q_exclusive"])}
+                       if "q_exclusive" in row else {}),
                     "nu_err": None if math.isnan(row["nu_err"]) else float(row["nu_err"]),
                     "contexts": [{"act": float(v), "text": t} for v, t in zip(vals[keep].tolist(), texts)]})
     return out

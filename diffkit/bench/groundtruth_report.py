@@ -77,7 +77,15 @@ def main_rows(case: CaseResult, control: CaseResult) -> list[tuple[str, Any, Any
         lambda m: s.changed[m].get("|act_mass_log_ratio|", float("nan")))
     row("changed strength: AUROC of the original method's |enc_norm_diff_robust|",
         lambda m: s.changed[m].get("|enc_norm_diff_robust|", float("nan")))
+    for side, name in (("a_only", "A-only"), ("b_only", "B-only")):
+        row(f"{name}: found, uncalibrated rule (align: unmatched; crosscoder: r alone)",
+            lambda m: s.detection_uncalibrated[m][side].found if s.detection_uncalibrated else float("nan"))
+        row(f"{name}: AUROC of 1 − retention (model-level score of diffkit.calibrate)",
+            lambda m: s.auroc_retention.get(m, {}).get(side, float("nan")))
+    row("calls at the FDR (calibrated rule): exclusive / uncalibrated-rule calls, main case",
+        lambda m: f"{s.counts[m]['exclusive']} / {s.counts[m].get('unmatched', '–')}")
     row("seed-pair control: FPR, live latents", lambda m: c.fpr[m]["live"])
+    row("seed-pair control: FPR, live latents, uncalibrated rule", lambda m: c.fpr[m].get("live_uncalibrated", float("nan")))
     row("seed-pair control: FPR, recovered latents", lambda m: c.fpr[m]["recovered"])
     rows.append(("wall time, s (align: map + align; SAE training listed below)", case.seconds["align"],
                  case.seconds["crosscoder"]))
@@ -199,10 +207,17 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              "Each side gets a real sae-lens TopK SAE trained by sae-lens's `SAETrainer` "
              f"({cfg.sae_width:g}× its planted features, k = {max(1, round(p.k))}, {cfg.sae_steps} steps × "
              f"{cfg.sae_batch}), saved in sae-lens's format and loaded by `diffkit.saes.load_sae`. **align**: "
-             "`LinearMap().fit(store)` + `diffkit.diff.align` at its defaults (cosine cost, threshold 0.5). "
+             "`LinearMap().fit(store)` + `diffkit.diff.align` at its defaults (cosine cost, threshold 0.5, "
+             "calibrated verdict at FDR 0.1). "
              f"**crosscoder**: BatchTopK, {cfg.cc_width:g}× the pair's planted features, {cfg.cc_steps} steps × "
-             f"{cfg.cc_batch}, then `analyze` (labels: A-only r ≤ 0.1, B-only r ≥ 0.9). Both read the same "
-             "ActivationStore.", "",
+             f"{cfg.cc_batch}, then `analyze` (labels: A-only r ≤ 0.1, B-only r ≥ 0.9; calibrated verdict at FDR "
+             "0.1). Both read the same ActivationStore.", "",
+             "Default rules are **calibrated** (`diffkit.calibrate`): a feature is called exclusive when the method's "
+             "own criterion says so (align: unmatched; crosscoder: r ≤ 0.1 / ≥ 0.9) *and* the model-level evidence "
+             "survives a null at FDR 10%: *retention* = held-out R² of an affine probe predicting the feature's "
+             "activation from the other model's residual ÷ the same from its own model's residual, its p-value "
+             "against the retentions of features the method calls shared, Benjamini–Hochberg q ≤ 0.1. The "
+             "uncalibrated rules are scored beside them.", "",
              "## How it is scored", "",
              f"- **Recovery**: a learned latent recovers planted feature f when the one-to-one (Hungarian) assignment "
              f"of its decoder direction to the generating dictionary pairs it with f at cosine ≥ τ = "
@@ -210,7 +225,8 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              "Items below are recovered latents, labelled by their feature's class.",
              "- **Exclusive detection** (A-only; B-only symmetric): items are latents recovering an A feature; "
              "positives those whose feature is A-only. Scores: align `1 − s`, s = similarity of the pair the "
-             "assignment gave the latent (−1 if none), so its rule *unmatched* is `score > 0.5`; crosscoder `1 − r` "
+             "assignment gave the latent (−1 if none), so its uncalibrated rule *unmatched* is `score > 0.5`; "
+             "crosscoder `1 − r` "
              "(B side: `r`), `r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖)`. AUROC = P(positive scores above negative), ties half. "
              "precision@k = planted-exclusive fraction of the k top-scored items, k = number of positive items. "
              "TPR / FPR: fraction of positive / negative items the method's own rule calls exclusive. *Found*: "
@@ -266,6 +282,8 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
     ctl = pd.DataFrame([{"method": m, "live_latents": control.scores.counts[m]["live"],
                          "called_exclusive": control.scores.counts[m]["exclusive"],
                          "fpr_live": control.scores.fpr[m]["live"], "fpr_recovered": control.scores.fpr[m]["recovered"],
+                         "called_uncalibrated": control.scores.counts[m].get("unmatched", float("nan")),
+                         "fpr_live_uncalibrated": control.scores.fpr[m].get("live_uncalibrated", float("nan")),
                          "recovered_a": control.scores.recovered[m]["a"], "recovered_b": control.scores.recovered[m]["b"],
                          "match_accuracy": control.scores.matching[m]["accuracy"]} for m in METHODS])
     lines += tables.add("control", ctl)
@@ -281,9 +299,13 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
     lines += ["## Caveats", "",
               "- Items are recovered latents only; a feature an SAE or the crosscoder never learned is in no item "
               "(see the recovery rows). align needs *both* SAEs to learn a shared feature to match it; a shared "
-              "feature learned by one SAE only is unmatched and scores as exclusive.",
-              "- SAEs wider than their planted dictionary leave latents that recover nothing; align calls them "
-              "unmatched, so its FPR over live latents counts them — the FPR over recovered latents does not.",
+              "feature learned by one SAE only is unmatched (its calibrated verdict asks the other model's residual, "
+              "which still carries it, so it is not called exclusive).",
+              "- The calibrated rules never call a latent its own model's residual cannot linearly predict (held-out "
+              "R² < 0.05: no model-level evidence either way); junk latents of the wider-than-planted SAEs are such.",
+              "- SAEs wider than their planted dictionary leave latents that recover nothing; align's assignment "
+              "leaves them unmatched, so its uncalibrated FPR over live latents counts them — the FPR over recovered "
+              "latents does not, and the calibrated verdict does not call them.",
               "- One seed per point; the sweep curves show trends, not confidence intervals.", ""]
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
@@ -301,7 +323,9 @@ def format_groundtruth_summary(result: GroundTruthResult) -> str:
         pair = lambda key: f"{_fmt(h[key + '_a_only'], 2)}/{_fmt(h[key + '_b_only'], 2)}"  # noqa: E731
         lines.append(f"{m:<12}{pair('auroc'):>16}{pair('p_at_k'):>14}{pair('found'):>16}"
                      f"{_fmt(h['match_accuracy']):>10}{_fmt(changed):>14}{_fmt(control.fpr[m]['live']):>12}")
-    lines.append("control FPR: live latents called exclusive on the seed pair (no exclusive features planted); "
-                 f"over recovered latents: align {_fmt(control.fpr['align']['recovered'])}, crosscoder "
-                 f"{_fmt(control.fpr['crosscoder']['recovered'])}")
+    lines.append("control FPR: live latents called exclusive (calibrated rule, FDR 0.1) on the seed pair (no exclusive "
+                 f"features planted); over recovered latents: align {_fmt(control.fpr['align']['recovered'])}, "
+                 f"crosscoder {_fmt(control.fpr['crosscoder']['recovered'])}; uncalibrated rule, live: align "
+                 f"{_fmt(control.fpr['align'].get('live_uncalibrated', float('nan')))}, crosscoder "
+                 f"{_fmt(control.fpr['crosscoder'].get('live_uncalibrated', float('nan')))}")
     return "\n".join(lines)

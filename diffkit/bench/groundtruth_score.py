@@ -27,8 +27,12 @@ Formulas (stated once here; the report repeats them):
   ratio weighted by decoder norms, centred over all shared pairs) and the original method's
   ``|enc_norm_diff_robust|``, and the crosscoder's ``|r − median r|`` (medians over the same items).
 - **False positives** (the seed-pair control has no exclusive features): the fraction of live
-  latents (fired at least once on the store) each method calls exclusive at its default rule
-  (align: unmatched at similarity threshold 0.5; crosscoder: r ≤ 0.1 or r ≥ 0.9).
+  latents (fired at least once on the store) each method calls exclusive at its default rule.
+- **Default rule** (both methods calibrated, :mod:`diffkit.calibrate`): align calls a feature
+  exclusive when it is unmatched at similarity threshold 0.5 *and* its retention q-value is ≤ the
+  FDR (0.1; ``verdict`` ``a_only`` / ``b_only``); the crosscoder when r ≤ 0.1 or r ≥ 0.9 *and* its
+  q-value is ≤ 0.1 (``verdict``). The uncalibrated rules (unmatched; r alone) are scored beside
+  them (``fpr["live_uncalibrated"]``, ``detection_uncalibrated``), so the two can be compared.
 """
 
 from __future__ import annotations
@@ -65,8 +69,12 @@ class CaseScores:
     matching: dict            # method -> {"accuracy", "precision", "n"}
     changed: dict             # method -> {score name -> AUROC, "median_changed", "median_unchanged", "n",
                               #            "values" (signed score per item), "is_changed"}
-    fpr: dict                 # method -> {"live": frac of live latents called exclusive, "recovered": ...}
-    counts: dict              # method -> {"exclusive": n called exclusive, "live": n live latents}
+    fpr: dict                 # method -> {"live": frac of live latents called exclusive, "recovered": ...,
+                              #            "live_uncalibrated": the same for the uncalibrated rule}
+    counts: dict              # method -> {"exclusive": n called exclusive, "live": n live latents,
+                              #            "unmatched": n the uncalibrated rule calls exclusive}
+    detection_uncalibrated: dict = field(default_factory=dict)  # method -> {"a_only": Detection, ...}, raw rule
+    auroc_retention: dict = field(default_factory=dict)  # align -> {"a_only": AUROC of 1 − retention, ...}
 
     def headline(self, method: str) -> dict[str, float]:
         d = self.detection[method]
@@ -135,11 +143,14 @@ def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, thre
     rec_a, rec_b = recover(dec_a, pair.dict_a, threshold), recover(dec_b, pair.dict_b, threshold)
     sim_a, sim_b = np.full(asg.n_a, -1.0), np.full(asg.n_b, -1.0)
     sim_a[asg.pair_a], sim_b[asg.pair_b] = asg.similarity, asg.similarity
-    called_a, called_b = np.ones(asg.n_a, bool), np.ones(asg.n_b, bool)
-    called_a[asg.pair_a[asg.matched]] = False
-    called_b[asg.pair_b[asg.matched]] = False
+    raw_a, raw_b = np.ones(asg.n_a, bool), np.ones(asg.n_b, bool)
+    raw_a[asg.pair_a[asg.matched]] = False
+    raw_b[asg.pair_b[asg.matched]] = False
+    called_a, called_b = _calibrated_calls(table, "a", asg.n_a, raw_a), _calibrated_calls(table, "b", asg.n_b, raw_b)
     det = {"a_only": detection(1 - sim_a, rec_a, pair.a_only, called_a),
            "b_only": detection(1 - sim_b, rec_b, pair.b_only, called_b)}
+    det_raw = {"a_only": detection(1 - sim_a, rec_a, pair.a_only, raw_a),
+               "b_only": detection(1 - sim_b, rec_b, pair.b_only, raw_b)}
     # Shared matching.
     la, lb = _inverse(rec_a, len(pair.dict_a)), _inverse(rec_b, len(pair.dict_b))
     both = (la[pair.shared_a] >= 0) & (lb[pair.shared_b] >= 0)
@@ -164,13 +175,43 @@ def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, thre
     # False positives: live latents called exclusive.
     live_a, live_b = _live(table, "a", asg.n_a), _live(table, "b", asg.n_b)
     called = np.concatenate([called_a[live_a], called_b[live_b]])
+    raw = np.concatenate([raw_a[live_a], raw_b[live_b]])
     rec_live = np.concatenate([rec_a[live_a] >= 0, rec_b[live_b] >= 0])
     return {"recovered": {"a": float((rec_a >= 0).sum() / len(pair.dict_a)),
                           "b": float((rec_b >= 0).sum() / len(pair.dict_b))},
             "detection": det, "matching": matching, "changed": changed,
             "fpr": {"live": float(called.mean()), "recovered": float(called[rec_live].mean()) if rec_live.any()
-                    else float("nan")},
-            "counts": {"exclusive": int(called.sum()), "live": int(len(called))}}
+                    else float("nan"), "live_uncalibrated": float(raw.mean())},
+            "counts": {"exclusive": int(called.sum()), "live": int(len(called)), "unmatched": int(raw.sum())},
+            "detection_uncalibrated": det_raw, "auroc_retention": _auroc_retention(table, rec_a, rec_b, pair)}
+
+
+def _auroc_retention(table: Any, rec_a: np.ndarray, rec_b: np.ndarray, pair: Any) -> dict:
+    """AUROC of 1 − retention (model-level score of :mod:`diffkit.calibrate`) over the same items; NaN
+    retention (own-residual R² below the floor) scores 0."""
+    out = {}
+    for side, rec, excl in (("a", rec_a, pair.a_only), ("b", rec_b, pair.b_only)):
+        if f"r2_own_{side}" not in table:
+            out[f"{side}_only"] = float("nan")
+            continue
+        rows = table[table[f"feature_{side}"] >= 0]
+        ret = np.zeros(len(rec))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            own, other = rows[f"r2_own_{side}"].to_numpy(), rows[f"r2_other_{side}"].to_numpy()
+            val = np.where(own >= 0.05, 1 - np.clip(other, 0, None) / own, 0.0)
+        ret[rows[f"feature_{side}"].to_numpy()] = np.nan_to_num(val)
+        items = rec >= 0
+        out[f"{side}_only"] = _auroc(ret[items], np.isin(rec[items], excl))
+    return out
+
+
+def _calibrated_calls(table: Any, side: str, n: int, fallback: np.ndarray) -> np.ndarray:
+    """Features of ``side`` the calibrated verdict calls exclusive (the uncalibrated rule for older tables)."""
+    if "verdict" not in table:
+        return fallback
+    called = np.zeros(n, bool)
+    called[table.loc[table.verdict == f"{side}_only", f"feature_{side}"].to_numpy()] = True
+    return called
 
 
 def _live(table: Any, side: str, n: int) -> np.ndarray:
@@ -183,10 +224,13 @@ def _live(table: Any, side: str, n: int) -> np.ndarray:
 def score_crosscoder(pair: Any, latents: Any, dec_a: np.ndarray, dec_b: np.ndarray, threshold: float) -> dict:
     """Scores of the crosscoder from its LatentTable (``analyze``) and its two decoder blocks."""
     r = latents.rel_norm_r_b.to_numpy()
-    label = latents.label.to_numpy()
+    raw_label = latents.label.to_numpy()
+    label = latents.verdict.to_numpy() if "verdict" in latents else raw_label  # calibrated when analysed so
     rec_a, rec_b = recover(dec_a, pair.dict_a, threshold), recover(dec_b, pair.dict_b, threshold)
     det = {"a_only": detection(1 - r, rec_a, pair.a_only, label == "A-only"),
            "b_only": detection(r, rec_b, pair.b_only, label == "B-only")}
+    det_raw = {"a_only": detection(1 - r, rec_a, pair.a_only, raw_label == "A-only"),
+               "b_only": detection(r, rec_b, pair.b_only, raw_label == "B-only")}
     la, lb = _inverse(rec_a, len(pair.dict_a)), _inverse(rec_b, len(pair.dict_b))
     both = (la[pair.shared_a] >= 0) & (lb[pair.shared_b] >= 0)
     same = la[pair.shared_a[both]] == lb[pair.shared_b[both]]
@@ -203,13 +247,16 @@ def score_crosscoder(pair: Any, latents: Any, dec_a: np.ndarray, dec_b: np.ndarr
     changed = _changed({"|r - median r|": np.abs(rg - np.median(rg)) if len(rg) else rg}, is_changed, rg)
     live = ~latents.dead.to_numpy()
     called = np.isin(label, ["A-only", "B-only"])
+    raw = np.isin(raw_label, ["A-only", "B-only"])
     rec_live = (rec_a >= 0) | (rec_b >= 0)
     return {"recovered": {"a": float((rec_a >= 0).sum() / len(pair.dict_a)),
                           "b": float((rec_b >= 0).sum() / len(pair.dict_b))},
             "detection": det, "matching": matching, "changed": changed,
             "fpr": {"live": float(called[live].mean()) if live.any() else float("nan"),
-                    "recovered": float(called[live & rec_live].mean()) if (live & rec_live).any() else float("nan")},
-            "counts": {"exclusive": int(called[live].sum()), "live": int(live.sum())}}
+                    "recovered": float(called[live & rec_live].mean()) if (live & rec_live).any() else float("nan"),
+                    "live_uncalibrated": float(raw[live].mean()) if live.any() else float("nan")},
+            "counts": {"exclusive": int(called[live].sum()), "live": int(live.sum()), "unmatched": int(raw[live].sum())},
+            "detection_uncalibrated": det_raw, "auroc_retention": {}}
 
 
 def score_case(pair: Any, diff: Any, sae_decoders: tuple, latents: Any, cc_decoders: tuple,
@@ -218,4 +265,5 @@ def score_case(pair: Any, diff: Any, sae_decoders: tuple, latents: Any, cc_decod
     parts = {"align": score_align(pair, diff, *sae_decoders, threshold),
              "crosscoder": score_crosscoder(pair, latents, *cc_decoders, threshold)}
     return CaseScores(**{key: {m: parts[m][key] for m in METHODS}
-                         for key in ("recovered", "detection", "matching", "changed", "fpr", "counts")})
+                         for key in ("recovered", "detection", "matching", "changed", "fpr", "counts",
+                                     "detection_uncalibrated", "auroc_retention")})

@@ -34,16 +34,33 @@ def headline(runs: list, tables: Tables) -> tuple[list[str], Any]:
         rows.append({"run": run.label, "pair": run.what,
                      "align shared / A-only / B-only": f"{c['shared']:,} / {c['a_only']:,} / {c['b_only']:,}",
                      "crosscoder A-only / B-only (of live)": f"{cc['A-only']:,} / {cc['B-only']:,} ({live:,})",
+                     **_calibrated_counts(s),
                      "exclusivity ρ A / B": _pair(ag["a"]["spearman_excl"], ag["b"]["spearman_excl"], 2),
                      "FVE SAEs A / B": _pair(rec["sae"]["a"]["fve"], rec["sae"]["b"]["fve"]),
                      "FVE crosscoder A / B": _pair(rec["crosscoder"]["fve_a"], rec["crosscoder"]["fve_b"]),
                      "wall s align / crosscoder": _pair(tot["align"]["seconds"], tot["crosscoder"]["seconds"], 1)})
     df = pd.DataFrame(rows)
     intro = ["*align*: SAE features unmatched at the similarity threshold are A-only / B-only. *crosscoder*: live",
-             "latents with r ≤ 0.1 / r ≥ 0.9. *exclusivity ρ*: Spearman correlation of the two methods' exclusivity",
+             "latents with r ≤ 0.1 / r ≥ 0.9. *at FDR*: the calls of each that survive the null of",
+             "`diffkit.calibrate` (retention of the feature's activation in the other model's residual, BH q ≤ the FDR).",
+             "*exclusivity ρ*: Spearman correlation of the two methods' exclusivity",
              "scores on the SAE features both can see. FVE on the store's held-out tokens, one formula for all.",
              "Wall time end to end from the same store (map fit + alignment; crosscoder training + analysis).", ""]
     return intro + tables.add("headline", df), df
+
+
+def _calibrated_counts(s: dict) -> dict:
+    """Headline cells: calls at the FDR of both methods (absent for runs made before calibration)."""
+    out = {}
+    cal, ccal = s["align"].get("calibration"), s["analysis"].get("calibration")
+    if cal:
+        c = cal["calls"]
+        out[f"align at FDR {100 * cal['fdr']:g}%: A-only / B-only"] = (f"{c['a_only']:,} / {c['b_only']:,} (of "
+                                                                      f"{c['unmatched_a']:,} / {c['unmatched_b']:,})")
+    if ccal:
+        out[f"crosscoder at FDR {100 * ccal['fdr']:g}%: A-only / B-only"] = (
+            f"{ccal['calls']['A-only']:,} / {ccal['calls']['B-only']:,}")
+    return out
 
 
 def compared(runs: list, tables: Tables) -> list[str]:
@@ -85,7 +102,11 @@ def top_features(run: Any, tables: Tables, n: int = 5) -> list[str]:
     lines = []
     for side in ("a", "b"):
         t = run.align_table
-        only = t[t.kind == f"{side}_only"].head(n)
+        only = t[t.kind == f"{side}_only"]
+        calibrated = "verdict" in only
+        if calibrated:  # the calls at the FDR first, most significant first; then the rest by activation mass
+            only = only.assign(_c=only.verdict != f"{side}_only").sort_values(["_c", "q_exclusive"], kind="stable")
+        only = only.head(n)
         b = run.bridge[run.bridge.side == side].set_index("feature")
         rows, md_cells = [], []
         for _, r in only.iterrows():
@@ -94,17 +115,20 @@ def top_features(run: Any, tables: Tables, n: int = 5) -> list[str]:
             ctx = run.align_contexts.get((side, i), [])
             rows.append({"feature": f"{SIDE[side]}#{i}", "freq": r[f"freq_{side}"], "mean act": r[f"mean_act_{side}"],
                          "best partner sim": r.similarity,
+                         **({"retention": r.retention, "q": r.q_exclusive, "verdict": r.verdict} if calibrated else {}),
                          "crosscoder latent (r)": f"#{lat} ({b.cc_r[i]:.2f})" if lat >= 0 else "none",
                          "top contexts": " · ".join(ctx[:3])})
             md_cells.append(" · ".join(md_context(c) for c in ctx[:3]) or "(never fired)")
         model = run.summary["store"][f"model_{side}"]
-        lines += [f"### Top {SIDE[side]}-only features ({escape(str(model))}, by activation mass)", ""]
+        order = "calls at the FDR first, by q; then by activation mass" if calibrated else "by activation mass"
+        lines += [f"### Top {SIDE[side]}-only features ({escape(str(model))}, {order})", ""]
         if not rows:
             lines += ["None at this threshold.", ""]
             continue
         lines += tables.add(f"top_{side}_only", pd.DataFrame(rows), cells={"top contexts": md_cells},
                             fmt={"freq": lambda v: f"{v:.4f}", "mean act": lambda v: f"{v:.4f}",
-                                 "best partner sim": lambda v: fmt_num(v, 2)})
+                                 "best partner sim": lambda v: fmt_num(v, 2), "retention": lambda v: fmt_num(v, 2),
+                                 "q": lambda v: fmt_num(v, 3)})
     return lines
 
 
@@ -166,6 +190,8 @@ def disagreements(run: Any, tables: Tables) -> list[str]:
                 rows.append({"SAE feature": f"{SIDE[side]}#{i}",
                              "flagged by": "align only" if who == "align_only" else "crosscoder only",
                              "align verdict (sim)": f"{r.align_kind} ({fmt_num(1 - r.align_excl, 2)})",
+                             **({"align q": fmt_num(r.align_q, 3), "crosscoder q": fmt_num(r.cc_q, 3)}
+                                if "align_q" in r else {}),
                              "crosscoder latent (label, r)": f"#{int(r.latent)} ({r.cc_label}, {r.cc_r:.2f})",
                              "bridge cos": r.bridge_cos,
                              "top contexts": " · ".join(s["contexts"][side].get(str(i), [])[:3])})
@@ -236,6 +262,11 @@ def caveats(runs: list) -> list[str]:
                    f"{c['a_only']:,} / {c['b_only']:,}. The excess ({excess:+,} on A) is {verdict}. Paulo & Belrose "
                    "(2025) report 30–53% of latents shared between SAE seeds; read every unmatched count against "
                    "this row.")
+        cal, fcal = s["align"].get("calibration"), floor.summary["align"].get("calibration")
+        if cal and fcal:
+            out.append(f"- **Calibrated.** At FDR {100 * cal['fdr']:g}% the diff calls {cal['calls']['a_only']:,} A-only "
+                       f"/ {cal['calls']['b_only']:,} B-only ({main.label}) and {fcal['calls']['a_only']:,} / "
+                       f"{fcal['calls']['b_only']:,} on the SAE-seed floor; null: {cal['null_exclusive']}.")
         fc = floor.summary["analysis"]["counts"]
         out.append(f"- **Noise floor of the crosscoder.** On the identical-model store it labels {fc['A-only']:,} "
                    f"A-only and {fc['B-only']:,} B-only latents ({main.label}: {s['analysis']['counts']['A-only']:,} / "
@@ -309,6 +340,7 @@ def crosscoder_top(run: Any, tables: Tables) -> list[str]:
     for lab in ("A-only", "B-only"):
         top = run.cc_top.get(lab, [])
         rows = [{"latent": f"#{t['latent']}", "freq": t["freq"], "r": t["rel_norm_r_b"],
+                 **({"q": fmt_num(t["q_exclusive"], 3)} if "q_exclusive" in t else {}),
                  "top contexts": " · ".join(c["text"] for c in t["contexts"][:3])} for t in top]
         md_cells = [" · ".join(md_context(c["text"]) for c in t["contexts"][:3]) for t in top]
         if rows:
