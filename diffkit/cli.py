@@ -59,7 +59,9 @@ def main() -> None:
 @click.option("--hook", required=True, help="Hook of model A, e.g. blocks.0.hook_resid_post.")
 @click.option("--hook-b", default=None, help="Hook of model B when it differs from --hook.")
 @click.option("--corpus", default="mixed", show_default=True,
-              help="prose | code | mixed (shipped with Python), or a text file, a directory, or a .npy of token ids.")
+              help="prose | code | mixed (shipped with Python), a text file, a directory, a .npy of token ids, a .jsonl "
+              "or a quoted glob ('data/*.jsonl', SOURCE#FIELD names the text field), or hf:NAME[:CONFIG][@SPLIT] "
+              "(a Hugging Face dataset, a local data folder or a save_to_disk folder).")
 @click.option("--corpus-split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
               help="Which documents of a corpus to use (the corpus's own document-level split).")
 @click.option("--tokens", type=int, required=True, help="Number of token positions to store (BOS/padding excluded).")
@@ -108,7 +110,7 @@ def collect(model_a, model_b, hook, hook_b, corpus, corpus_split, tokens, out, c
 
 @main.group()
 def store() -> None:
-    """Inspect and check activation stores."""
+    """Inspect, check and import activation stores."""
 
 
 @store.command("info")
@@ -138,6 +140,104 @@ def store_verify(path):
 
     st = ActivationStore.open(path, verify="full")
     click.echo(f"ok: {st.n_shards} shards, every file matches its checksum")
+
+
+@store.command("import")
+@click.option("--a", "a", required=True, help="Model A's activations: .npy or .safetensors[:NAME], (n, d) or (n_seq, ctx, d).")
+@click.option("--b", "b", required=True, help="Model B's activations on the same tokens (d may differ).")
+@click.option("--ids", required=True, help="Token ids: (n,) for (n, d) rows, (n_seq, ctx) for per-position arrays.")
+@click.option("--hook", required=True, help="Hook name of A's activations (SAEs are checked against it).")
+@click.option("--hook-b", default=None, help="Hook name of B's when it differs from --hook.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory of the store.")
+@click.option("--model-a", default="", help="Name recorded for model A [default: imported:FILE].")
+@click.option("--model-b", default="", help="Name recorded for model B.")
+@click.option("--lengths", default=None, help="Per-position arrays: (n_seq,) real tokens per sequence (rest is padding).")
+@click.option("--bos", is_flag=True, help="Per-position arrays: position 0 of each sequence is BOS; leave it out.")
+@click.option("--ctx", type=int, default=128, show_default=True, help="(n, d) rows: rows per sequence (split, contexts).")
+@click.option("--heldout-every", type=int, default=10, show_default=True, help="Every N-th sequence is held out (0: none).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--shard-mb", type=float, default=32.0, show_default=True, help="Target shard size for the wider model.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted import in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def store_import(a, b, ids, hook, hook_b, out, model_a, model_b, lengths, bos, ctx, heldout_every, dtype, shard_mb,
+                 resume, overwrite, quiet):
+    """Build a store from activations computed elsewhere (nnsight, another cache), checked like a collected one.
+
+    \b
+    Example:
+      diffkit store import --a acts_base.npy --b acts_chat.npy --ids tokens.npy \\
+          --hook blocks.6.hook_resid_post --out runs/store --bos
+      diffkit fit-map --acts runs/store --out runs/map
+
+    Streams shard by shard (memory-mapped .npy, sliced .safetensors): the arrays are never loaded whole.
+    """
+    from .store_import import ImportConfig, import_store
+
+    cfg = ImportConfig(a=a, b=b, ids=ids, hook_a=hook, hook_b=hook_b or hook, model_a=model_a, model_b=model_b,
+                       lengths=lengths, bos=bos, ctx=ctx, heldout_every=heldout_every, dtype=dtype, shard_mb=shard_mb)
+    s = import_store(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, log=click.echo)
+    click.echo(f"imported {s.tokens:,} tokens (train {s.train_tokens:,}, held-out {s.heldout_tokens:,}) in {s.shards} "
+               f"shards, {_human_bytes(s.bytes)}, at {out}; scale A {s.scale_a:.4g} B {s.scale_b:.4g} (sqrt(d)/mean norm)")
+
+
+@main.group()
+def sae() -> None:
+    """Train SAEs on activation stores (sae-lens's own trainer, sae-lens's format)."""
+
+
+@sae.command("train")
+@click.option("--acts", type=click.Path(path_type=Path), required=True, help="Activation store (collect / store import).")
+@click.option("--source", type=click.Choice(["a", "b"]), required=True, help="Train on the store's model A or B.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output SAE directory (sae-lens format).")
+@click.option("--arch", type=click.Choice(["topk", "batchtopk", "jumprelu", "standard"]), default="topk",
+              show_default=True, help="sae-lens architecture (batchtopk is saved as jumprelu, as sae-lens does).")
+@click.option("--d-sae", type=int, default=1024, show_default=True, help="Latents.")
+@click.option("--k", type=int, default=24, show_default=True, help="Active latents per token (topk; batchtopk: mean).")
+@click.option("--tokens", type=int, default=819_200, show_default=True,
+              help="Training samples (steps x batch size); a smaller store is read for several epochs.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Tokens per step.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate (cosine decay at the end).")
+@click.option("--sparsity-coefficient", type=float, default=None,
+              help="L1 (standard) or L0 (jumprelu) coefficient [default: sae-lens's].")
+@click.option("--no-normalize", is_flag=True, help="Train on raw activations instead of the store's normalized ones "
+              "(the scale is folded into the saved weights either way).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batch order.")
+@click.option("--checkpoint-every", type=int, default=200, show_default=True, help="Steps between resumable checkpoints.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (its OUT.partial checkpoints).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing SAE in OUT (the old one stays until the new is done).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sae_train(acts, source, out, arch, d_sae, k, tokens, batch_size, lr, sparsity_coefficient, no_normalize, seed,
+              checkpoint_every, device, threads, resume, overwrite, quiet):
+    """Train an SAE on one model of a store; prints held-out FVE, L0 and dead fraction.
+
+    \b
+    Example (about 30 s on 2 cores):
+      diffkit sae train --acts runs/store --source a --out runs/sae-a --d-sae 1024 --k 24
+      diffkit sae train --acts runs/store --source a --out runs/sae-a-seed1 --seed 1   # the SAE-seed null
+      diffkit align --sae-a runs/sae-a --sae-b runs/sae-b --acts runs/store --out runs/align
+
+    The SAE reads raw activations (the store's normalization is folded in and recorded in cfg.json),
+    so `diffkit align` and sae_lens.SAE.load_from_disk both use it as is. A killed run leaves
+    OUT.partial: rerun the same command with --resume.
+    """
+    from .activations import ActivationStore
+    from .sae_train import SAETrainConfig, train_sae_from_store
+
+    if threads < 0:
+        raise DiffkitError(f"--threads must be 0 or more, got {threads}")
+    cfg = SAETrainConfig(arch=arch, d_sae=d_sae, k=k, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                         normalize=not no_normalize, sparsity_coefficient=sparsity_coefficient,
+                         checkpoint_every=checkpoint_every)
+    store = ActivationStore.open(acts)
+    rec = train_sae_from_store(store, source, cfg, out, resume=resume, overwrite=overwrite, device=_device(device),
+                               threads=threads or None, progress=not quiet, log=click.echo)
+    m = rec["metrics"]
+    click.echo(f"{arch} SAE {rec['d_in']}->{d_sae} on model {source.upper()} ({rec['hook_name']}), {rec['steps']:,} steps: "
+               f"{m['eval_tokens']:,} {rec['inputs']['eval_split']} tokens: FVE {m['fve']:.3f}, L0 {m['l0']:.1f}, "
+               f"dead {m['dead_fraction']:.1%}; {rec['seconds']:.0f} s; written to {out}")
 
 
 @main.group()

@@ -12,7 +12,14 @@ the document name, so the split never changes when documents are added elsewhere
 
 A user's corpus is a text file (one document), a directory (every UTF-8 file beneath it, one
 document each) or a ``.npy`` array of token ids: 2-D ``(n_seq, ctx)`` rows used as they are, or
-1-D, cut into sequences.
+1-D, cut into sequences. Also (see :func:`extra_documents`):
+
+- a ``.jsonl`` file (one document per record, its ``text`` field) or a **glob** of text / jsonl
+  files (``'data/**/*.jsonl'``); ``SOURCE#FIELD`` names another field (``notes.jsonl#body``);
+- a **Hugging Face dataset**: ``hf:NAME[:CONFIG][@SPLIT][#FIELD]`` from the hub (e.g.
+  ``hf:roneneldan/TinyStories@train[:20000]``), ``hf:DIR`` for a local folder of data files
+  (``load_dataset(DIR)``), or a ``save_to_disk`` folder (with or without ``hf:``). SPLIT defaults
+  to ``train``; the text column is read whole, so slice large splits (``@train[:5%]``).
 
 Sequences are rows of ``ctx`` ids: BOS (when the tokenizer has one), then up to ``ctx - 1`` tokens
 of one document, then padding. A document longer than that gives several rows. ``length`` says
@@ -114,16 +121,158 @@ def documents(corpus: str, split: str = "all") -> list[Document]:
         docs = code_documents()
     elif corpus == "mixed":
         raise DiffkitError("'mixed' is a sequence-level mix: use token_sequences(), not documents()")
+    elif (extra := extra_documents(corpus)) is not None:  # jsonl, globs, datasets
+        docs = extra
     else:
         path = Path(corpus)
         if not path.exists():
             raise DiffkitError(f"corpus {corpus!r} is neither a named corpus ({', '.join(NAMED_CORPORA)}) "
-                               "nor an existing path: check the spelling or the path")
+                               "nor an existing path, a glob or hf:DATASET: check the spelling or the path")
         docs = user_documents(path)
     docs = list(_select_split(docs, split))
     if not any(d.text.strip() for d in docs):
         raise DiffkitError(f"corpus {corpus!r} (split {split}) has no text: point --corpus at text files")
     return docs
+
+
+TEXT_FIELD = "text"
+DATASET_PREFIX = "hf:"
+
+
+def _text_of(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        keys = ", ".join(list(record)[:8]) if isinstance(record, dict) else type(record).__name__
+        raise DiffkitError(f"{where} has no text field {field!r} (it has {keys}): name the field as SOURCE#FIELD")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DiffkitError(f"{where}: field {field!r} holds {type(text).__name__}, not text: name a text field as "
+                           "SOURCE#FIELD")
+    return text
+
+
+def jsonl_documents(path: Path, field: str = TEXT_FIELD, name: str | None = None) -> list[Document]:
+    """One document per JSON line of ``path`` (its ``field``); blank lines are skipped."""
+    import json
+
+    docs = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DiffkitError(f"{path}:{lineno} is not a JSON object ({exc.msg}): write one JSON "
+                                       "object per line") from None
+                docs.append(Document(f"{name or path.name}:{lineno}", _text_of(record, field, f"{path}:{lineno}")))
+    except UnicodeDecodeError:
+        raise DiffkitError(f"corpus file {path} is not UTF-8 text") from None
+    return docs
+
+
+def glob_documents(pattern: str, field: str = TEXT_FIELD) -> list[Document]:
+    """Documents of every file matching ``pattern`` (``**`` recurses): ``.jsonl`` by record, others whole.
+
+    Names are relative to the pattern's fixed leading folder, so the train/held-out split does not
+    depend on where the data lives.
+    """
+    import glob
+    import os
+
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DiffkitError(f"corpus glob {pattern!r} matches no files: check the pattern (quote it in the shell)")
+    fixed = [part for part in Path(pattern).parts]
+    base = Path(*fixed[:next(i for i, part in enumerate(fixed) if glob.has_magic(part))] or ["."])
+    docs: list[Document] = []
+    for file in map(Path, files):
+        rel = Path(os.path.relpath(file, base)).as_posix()
+        if file.suffix == ".jsonl":
+            docs += jsonl_documents(file, field, name=rel)
+        else:
+            try:
+                docs.append(Document(rel, file.read_text(encoding="utf-8")))
+            except UnicodeDecodeError:
+                raise DiffkitError(f"corpus file {file} (matched by {pattern!r}) is not UTF-8 text: narrow the "
+                                   "glob to text or .jsonl files") from None
+    return docs
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                     and (path / "dataset_info.json").is_file())
+
+
+def dataset_documents(spec: str, field: str = TEXT_FIELD) -> list[Document]:
+    """Documents of a Hugging Face dataset: ``NAME[:CONFIG][@SPLIT]`` (hub), a local data folder, or a
+    ``save_to_disk`` folder; one document per row (its ``field``)."""
+    source, _, split = spec.partition("@")
+    local = Path(source)
+    config = None
+    if not local.exists() and ":" in source:
+        source, _, config = source.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DiffkitError("Hugging Face datasets is not installed: pip install datasets (it comes with sae-lens)") \
+            from None
+    try:
+        if local.is_dir() and _is_saved_dataset(local):
+            ds = datasets.load_from_disk(str(local))
+            if split and isinstance(ds, datasets.DatasetDict):
+                ds = ds[split] if split in ds else _bad_split(spec, split, list(ds))
+        else:
+            ds = datasets.load_dataset(source, config, split=split or None)
+    except DiffkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub, network, builder and split errors come in many types
+        from .store_format import first_line
+
+        where = f"local folder {source}" if local.exists() else f"dataset {source!r} on the Hugging Face hub"
+        raise DiffkitError(f"cannot load {where} ({first_line(exc)}): check the name, split and network (offline, "
+                           "pass a local folder or a save_to_disk folder instead)") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else _bad_split(spec, "train", list(ds))
+    if isinstance(ds, datasets.IterableDataset) or not hasattr(ds, "column_names"):
+        raise DiffkitError(f"dataset {spec!r} is not a map-style dataset: save a slice with save_to_disk and pass its folder")
+    if field not in ds.column_names:
+        raise DiffkitError(f"dataset {spec!r} has no column {field!r} (it has {', '.join(ds.column_names[:8])}): name "
+                           f"the text column as {DATASET_PREFIX}{spec}#COLUMN")
+    texts = ds[field]
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DiffkitError(f"dataset {spec!r}: column {field!r} holds {type(bad).__name__}, not text: name a text column")
+    label = f"{DATASET_PREFIX}{Path(source).name if local.exists() else source}:{split or 'train'}"
+    return [Document(f"{label}:{i}", text) for i, text in enumerate(texts)]
+
+
+def _bad_split(spec: str, split: str, splits: list[str]):
+    raise DiffkitError(f"dataset {spec!r} has no split {split!r} (it has {', '.join(splits)}): add @SPLIT")
+
+
+def extra_documents(corpus: str) -> list[Document] | None:
+    """Documents of a jsonl file, a glob, or a dataset spec (module docstring); None for other corpora.
+
+    An existing path is taken literally; otherwise a trailing ``#FIELD`` names the text field.
+    """
+    if corpus.startswith(DATASET_PREFIX):
+        source, _, field = corpus[len(DATASET_PREFIX):].partition("#")
+        return dataset_documents(source, field or TEXT_FIELD)
+    import glob
+
+    source, field = (corpus, "") if Path(corpus).exists() else (corpus.rpartition("#")[0] or corpus,
+                                                                corpus.rpartition("#")[2] if "#" in corpus else "")
+    path = Path(source)
+    if path.is_dir() and _is_saved_dataset(path):
+        return dataset_documents(source, field or TEXT_FIELD)
+    if path.is_file() and path.suffix == ".jsonl":
+        return jsonl_documents(path, field or TEXT_FIELD)
+    if not path.exists() and glob.has_magic(source):
+        return glob_documents(source, field or TEXT_FIELD)
+    if field and path.exists():
+        raise DiffkitError(f"corpus {corpus!r}: #FIELD applies to .jsonl files, globs and datasets, not to {source}")
+    return None
 
 
 def _rows_of(ids: np.ndarray, ctx: int, bos_id: int | None, pad_id: int) -> Iterator[Sequence]:
