@@ -25,8 +25,8 @@ tokens = 3000
 [saes.train]
 d_sae = 64
 k = 8
-steps = 20
-batch = 128
+tokens = 2560
+batch_size = 128
 [crosscoder]
 dict_size = 128
 k = 8
@@ -48,7 +48,8 @@ def _write(tmp_path, text=TINY, name="tiny.toml"):
     (("threads = 1", "threads = 1\nbogus = true"), "bogus"),
     (("tokens = 3000", 'tokens = "3000"'), "data.tokens"),
     (("d_sae = 64", "d_sae = 6.5"), "saes.train.d_sae"),
-    (("k = 8\nsteps", "k = 80\nsteps"), "saes.train.k"),
+    (("k = 8\ntokens", "k = 80\ntokens"), "saes.train.k"),
+    (('k = 8\ntokens', 'k = 8\narch = "relu"\ntokens'), "saes.train.arch"),
     (("[compare]", "[compare]\n[compare.x]"), "compare.x"),
     (('a = "zoo:base"', 'a = "zoo:base"\nc = 1'), "models.c"),
 ])
@@ -84,7 +85,7 @@ def test_dry_run_prints_the_plan_and_sizes(tmp_path):
     assert res.exit_code == 0, res.output
     # two stores (the diff and A vs A for the SAE-seed control) of 3,000 x (128 + 128) float32 values
     assert res.output.count("3,000 tokens") == 2 and "-> 3.1MB" in res.output
-    assert "SAE null      train topk d_sae 64, k 8, 20 x 128 samples, seed 1" in res.output
+    assert "SAE null      train topk d_sae 64, k 8, 2,560 samples (batch 128), seed 1" in res.output
     assert "seed 1, 16.6k params" in res.output  # 2 d d_sae + d_sae + d = 2 * 128 * 64 + 64 + 128 = 16,576
     assert "runs        diff, sae-seed control" in res.output and "collect (to run)" in res.output
     assert not (tmp_path / "work").exists()  # a dry run writes nothing
@@ -146,3 +147,11 @@ def test_tiny_config_end_to_end_then_resume(tmp_path):
     assert kept == ["collect", "saes", "map", "align"]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert json.loads((work / "crosscoder-diff" / "train_config.json").read_text())["k"] == 4
+
+    # a saes stage interrupted after its SAEs were written: they are kept (same options, newer than the store),
+    # and the stages after it run again
+    (work / "stages" / "saes.json").unlink()
+    res = CliRunner().invoke(main, ["run", str(path), "--quiet"])
+    kept = [line.split("] ")[1].split(":")[0] for line in res.output.splitlines() if "done earlier" in line]
+    assert res.exit_code == 0 and kept == ["collect", "map", "crosscoder"] and "[5/7] align" in res.output
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

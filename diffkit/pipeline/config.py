@@ -18,7 +18,6 @@ from typing import Any
 
 from ..errors import DiffkitError
 
-SAE_ARCHS = ("topk",)  # what the store-fed trainer builds today (diffkit.sae_train will add batchtopk, jumprelu, standard)
 METHODS = ("align", "crosscoder")
 
 
@@ -61,19 +60,27 @@ class Data:
 
 @dataclass(frozen=True)
 class SAETrain:
-    """Options of every SAE the config asks to ``train`` (sae-lens's trainer, fed from the store)."""
+    """Options of every SAE the config asks to ``train``: :class:`diffkit.sae_train.SAETrainConfig`'s
+    (``diffkit sae train``'s options: sae-lens's own trainer fed from the store), plus the null's seed."""
 
-    arch: str = "topk"
-    d_sae: int = 4096
-    k: int = 32
-    steps: int = 300
-    batch: int = 1024
-    lr: float = 2e-3
-    # "mean": b_dec starts at the mean activation (as sae-lens's runner's b_dec_init_method="mean"):
-    # SmolLM2's residual has a large mean, and from b_dec = 0 its first run left ~60% of latents dead.
-    b_dec_init: str = "mean"        # or "zeros"
+    arch: str = "topk"              # topk | batchtopk | jumprelu | standard
+    d_sae: int = 1024
+    k: int = 24
+    tokens: int = 819_200           # training samples (steps x batch_size)
+    batch_size: int = 1024
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    normalize: bool = True          # train on x * sqrt(d) / mean ||x||, folded into the saved weights
     seed: int = 0
     null_seed: int = 1              # the seed of the null SAE (a second SAE of model A)
+
+    def trainer_config(self, seed: int | None = None):
+        """The :class:`~diffkit.sae_train.SAETrainConfig` of these options (``seed`` for the null)."""
+        from ..sae_train import SAETrainConfig
+
+        return SAETrainConfig(arch=self.arch, d_sae=self.d_sae, k=self.k, tokens=self.tokens,
+                              batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                              normalize=self.normalize, seed=self.seed if seed is None else seed)
 
 
 @dataclass(frozen=True)
@@ -187,9 +194,7 @@ def _check(cfg: PipelineConfig) -> None:
     if not cfg.data.hook:
         raise _fail("data.hook", "is required, e.g. blocks.0.hook_resid_post")
     for key, value in (("threads", cfg.threads), ("data.tokens", cfg.data.tokens), ("data.ctx", cfg.data.ctx - 1),
-                       ("data.batch_size", cfg.data.batch_size), ("saes.train.d_sae", cfg.saes.train.d_sae),
-                       ("saes.train.k", cfg.saes.train.k), ("saes.train.steps", cfg.saes.train.steps),
-                       ("saes.train.batch", cfg.saes.train.batch), ("crosscoder.dict_size", cfg.crosscoder.dict_size),
+                       ("data.batch_size", cfg.data.batch_size), ("crosscoder.dict_size", cfg.crosscoder.dict_size),
                        ("crosscoder.k", cfg.crosscoder.k), ("crosscoder.tokens", cfg.crosscoder.tokens),
                        ("crosscoder.batch_size", cfg.crosscoder.batch_size), ("compare.tokens", cfg.compare.tokens),
                        ("finetune.batch", cfg.finetune.batch), ("finetune.ctx", cfg.finetune.ctx - 1),
@@ -197,13 +202,11 @@ def _check(cfg: PipelineConfig) -> None:
         if value <= 0:
             shown = value + 1 if key.endswith(".ctx") else value - 1 if key == "finetune.steps" else value
             raise _fail(key, f"must be {'>= 0' if key == 'finetune.steps' else 'positive'}, got {shown}")
-    t = cfg.saes.train
-    if t.arch not in SAE_ARCHS:
-        raise _fail("saes.train.arch", f"{t.arch!r} is not one of {', '.join(SAE_ARCHS)}")
-    if t.b_dec_init not in ("mean", "zeros"):
-        raise _fail("saes.train.b_dec_init", f"{t.b_dec_init!r} must be 'mean' or 'zeros'")
-    if t.k > t.d_sae:
-        raise _fail("saes.train.k", f"{t.k} exceeds d_sae {t.d_sae}")
+    try:
+        cfg.saes.train.trainer_config()
+    except DiffkitError as exc:  # the trainer's own checks, named by the config's key
+        flag = str(exc).split()[0]
+        raise _fail("saes.train." + flag.removeprefix("--").replace("-", "_"), str(exc)) from None
     if cfg.crosscoder.k > cfg.crosscoder.dict_size:
         raise _fail("crosscoder.k", f"{cfg.crosscoder.k} exceeds dict_size {cfg.crosscoder.dict_size}")
     if cfg.methods != METHODS:

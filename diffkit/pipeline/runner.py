@@ -38,10 +38,17 @@ def stale_stages(old: PipelineConfig, new: PipelineConfig) -> list[str]:
     changed = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
     stale = {stage for stage, deps in DEPENDS.items()
              if any(k == d or (d.endswith(".") and k.startswith(d)) for k in changed for d in deps)}
-    for stage, inputs in INPUTS.items():  # INPUTS is in stage order: one pass propagates
-        if any(i in stale for i in inputs):
-            stale.add(stage)
+    stale |= {later for s in list(stale) for later in downstream(s)}
     return [s for s in INPUTS if s in stale]
+
+
+def downstream(stage: str) -> list[str]:
+    """The stages that read ``stage``'s output, directly or not (in stage order)."""
+    found = {stage}
+    for name, inputs in INPUTS.items():
+        if any(i in found for i in inputs):
+            found.add(name)
+    return [s for s in INPUTS if s in found and s != stage]
 
 
 def marker(work: Path, name: str) -> Path:
@@ -97,6 +104,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print, progre
             log(f"[{i}/{len(names)}] {name}: done earlier ({ctx.results[name]['seconds']:.1f} s), kept")
             continue
         log(f"[{i}/{len(names)}] {name}")
+        for later in downstream(name):  # what this stage makes anew, the stages after it must read anew
+            marker(work, later).unlink(missing_ok=True)
         t0 = time.time()
         result = STAGE_FNS[name](ctx)
         ctx.results[name] = {**result, "seconds": time.time() - t0}
@@ -172,7 +181,7 @@ def plan_text(cfg: PipelineConfig) -> str:
                      f"{cfg.data.ctx}, d_model {wa or '?'} / {wb or '?'} -> {_num(size, 'B')}")
     for role, (spec, store, side) in sae_roles(cfg).items():
         w = width[[m for lab, a, b in pairs(cfg) if lab == store for m in (a, b)][0 if side == "a" else 1]]
-        what = (f"train {t.arch} d_sae {t.d_sae:,}, k {t.k}, {t.steps} x {t.batch} samples, seed "
+        what = (f"train {t.arch} d_sae {t.d_sae:,}, k {t.k}, {t.tokens:,} samples (batch {t.batch_size}), seed "
                 f"{t.null_seed if role == 'null' else t.seed}, {_num(w and 2 * w * t.d_sae + t.d_sae + w)} params"
                 if spec == "train" else f"{spec} (given)")
         lines.append(f"  SAE {role:<9} {what}")

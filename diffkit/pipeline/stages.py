@@ -169,32 +169,46 @@ def stage_collect(ctx: Context) -> dict:
     return {"stores": rows}
 
 
-def train_sae_adapter(store: Any, side: str, ctx: Context, seed: int, out: Path, model_name: str) -> dict:
-    """Train one SAE from the store (held-out FVE, L0, dead fraction back)."""
-    from .sae_adapter import train_sae_from_store
+def _clear_stale_sae(out: Path, trainer_cfg: Any, collect_marker: Path) -> None:
+    """Remove an SAE (or an interrupted one's ``.partial``) that the trainer must not keep or resume: one
+    trained with other options, or older than the store (a store collected again keeps its path)."""
+    import json
+    from dataclasses import asdict
 
-    return train_sae_from_store(store, side, ctx.cfg.saes.train, out, seed=seed, device=ctx.cfg.device,
-                                model_name=model_name, context_size=ctx.cfg.data.ctx, quiet=not ctx.progress)
+    from ..sae_train import RUN_JSON, TRAIN_JSON, partial_dir
+
+    for path, record in ((out, TRAIN_JSON), (partial_dir(out), RUN_JSON)):
+        if not path.exists():
+            continue
+        try:
+            same = json.loads((path / record).read_text()).get("config") == asdict(trainer_cfg)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same or not collect_marker.exists() or path.stat().st_mtime < collect_marker.stat().st_mtime:
+            shutil.rmtree(path)
 
 
 def stage_saes(ctx: Context) -> dict:
-    """Train the SAEs the config asks to ``train`` (into ``WORK/sae-ROLE``); pass the others through."""
+    """Train the SAEs the config asks to ``train`` (into ``WORK/sae-ROLE``, :mod:`diffkit.sae_train`); pass the
+    others through. An SAE left by an interrupted stage, with the same options and store, is kept or resumed."""
     from ..activations import ActivationStore
+    from ..sae_train import train_sae_from_store
 
     t, result = ctx.cfg.saes.train, {}
-    models = {label: (a, b) for label, a, b in pairs(ctx.cfg)}
     for role, (spec, store_label, side) in sae_roles(ctx.cfg).items():
         if spec != "train":
             result[role] = {"spec": spec}
             continue
         seed = t.null_seed if role == "null" else t.seed
-        out = ctx.work / f"sae-{role}"
+        out, tcfg = ctx.work / f"sae-{role}", t.trainer_config(seed)
+        _clear_stale_sae(out, tcfg, ctx.work / "stages" / "collect.json")
         store = ActivationStore.open(ctx.work / f"store-{store_label}")
-        name = models[store_label][0 if side == "a" else 1]
-        metrics = train_sae_adapter(store, side, ctx, seed, out, name)
-        result[role] = {"spec": str(out), "trained": True, "seed": seed, **metrics}
-        ctx.log(f"  SAE {role} ({name}, seed {seed}): held-out FVE {metrics['fve']:.3f}, L0 {metrics['l0']:.1f}, "
-                f"dead {metrics['dead_fraction']:.1%}")
+        m = train_sae_from_store(store, side, tcfg, out, resume=True, device=ctx.cfg.device,
+                                 progress=ctx.progress)["metrics"]
+        result[role] = {"spec": str(out), "trained": True, "seed": seed, "fve": m["fve"], "l0": m["l0"],
+                        "dead_fraction": m["dead_fraction"]}
+        ctx.log(f"  SAE {role} ({store.manifest['sources'][side].get('spec')}, seed {seed}): held-out FVE "
+                f"{m['fve']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}")
     return result
 
 
