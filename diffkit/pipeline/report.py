@@ -42,7 +42,7 @@ def preamble(ctx: Context, tables) -> list[str]:
               "over train tokens, BOS and padding excluded; applied on read.", ""]
     lines += tables.add("stores", stores, fmt={"model A": lambda v: f"`{v}`", "model B": lambda v: f"`{v}`",
                                                "tokens/s": lambda v: f"{v:,.0f}"})
-    names = {"a": cfg.models.a.removeprefix("zoo:"), "b": cfg.models.b.removeprefix("zoo:"),
+    names = {"a": cfg.models.a.removeprefix("zoo:"), "b": run_what(cfg, "diff").split(" vs ", 1)[1],
              "seed": cfg.controls.model_seed.removeprefix("zoo:")}
     text = "; ".join(f"**{run}** = " + RUN_TEXT[run].format(**names, what=run_what(cfg, run)) for run in runs(cfg))
     lines += [f"Runs: {text}. {fmt_num(len(pairs(cfg)))} stores, one crosscoder per store.", ""]
