@@ -16,7 +16,8 @@ setup(
     packages=find_packages(include=["diffkit", "diffkit.*", "baselines", "baselines.*"]),
     include_package_data=True,
     package_data={"diffkit.zoo": ["artifacts/*.json", "artifacts/*/*.json", "artifacts/*/*/*.json",
-                                  "artifacts/*/*/*.safetensors"]},
+                                  "artifacts/*/*/*.safetensors"],
+                  "diffkit.pipeline": ["configs/*.toml"]},  # demo, example, smollm2-cpu/gpu: `diffkit run NAME`
     install_requires=[
         "torch>=2.2",
         "sae-lens>=6.54,<7",
@@ -32,6 +33,7 @@ setup(
         "psutil>=5.9",      # peak-memory figures in the benchmarks
         "scikit-learn>=1.3",  # the toy experiments: offline digits data, CCA reference, t-SNE
         "mnist1d>=0.0.2",   # the toy experiments: a second offline dataset, generated not downloaded
+        'tomli>=2.0; python_version < "3.11"',  # `diffkit run CONFIG.toml` (tomllib from 3.11)
     ],
     extras_require={
         "test": ["pytest>=8"],

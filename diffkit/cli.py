@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .devices import resolve_device as _device
 from .errors import DiffkitError
 
 
@@ -27,17 +28,6 @@ class _Group(click.Group):
             sys.exit(2)
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DiffkitError(f"--device {name} asked for, but this machine has no CUDA device: use --device cpu")
-    return name
 
 
 def _human_bytes(n: float) -> str:
@@ -284,9 +274,15 @@ def zoo_info():
         loaded = load_model(f"zoo:{name}")
         losses = heldout_losses(loaded.model, loaded.model.cfg.n_ctx)
         click.echo(f"zoo:{name:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}")
+    from .pipeline.stages import model_losses
     from .zoo import smollm2
 
-    click.echo(smollm2.info_line())
+    if not smollm2.is_available():
+        click.echo(f"zoo:{smollm2.NAME:<12}{'n/a':>8}{'n/a':>8}   (optional, not installed: {smollm2.INSTALL_HINT})")
+        return
+    losses = model_losses(load_model("zoo:smollm2"), n_seqs=24)
+    click.echo(f"zoo:smollm2     {losses['prose']:>8.3f}{losses['code']:>8.3f}   (own tokenizer: not comparable to the "
+               "byte models)")
 
 
 @zoo.command("build")
@@ -301,22 +297,34 @@ def zoo_info():
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="smollm2 only: large artifacts (default runs/smollm2-SIZE); a rerun resumes there.")
 @click.option("--overwrite", is_flag=True, help="smollm2 only: discard --work and start again.")
-@click.option("--dry-run", is_flag=True, help="smollm2 only: check the GGUF, save and print the config and plan.")
+@click.option("--dry-run", is_flag=True, help="smollm2 only: check the GGUF, print the plan and sizes.")
 def zoo_build(names, out, saes_only, size, device, threads, work, overwrite, dry_run):
     """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores).
 
     `diffkit zoo build smollm2 --out DIR` instead fine-tunes SmolLM2-135M on Python source and runs the
-    whole diff (SAEs, align, crosscoder, compare, report) on it and the original.
+    whole diff (SAEs, align, crosscoder, compare, report) on it and the original: the pipeline on its
+    packaged config diffkit/pipeline/configs/smollm2-SIZE.toml (`diffkit run smollm2-cpu` does the same).
     """
     from .zoo import ZOO_MODELS
     from .zoo.build import build_zoo
 
-    if "smollm2" in names:
-        from .zoo.smollm2_build import cli_build
+    if "smollm2" in names:  # the recipe is a pipeline config: `diffkit run smollm2-cpu` with these options
+        import shlex
 
-        if len(names) > 1:
-            raise DiffkitError("build smollm2 on its own: diffkit zoo build smollm2 --out DIR")
-        cli_build(out, size, device, threads, work, overwrite, dry_run, log=click.echo)
+        from .pipeline.config import load_config, packaged
+        from .pipeline.runner import plan_text, run_pipeline
+        from .zoo import smollm2
+
+        if len(names) > 1 or out is None:
+            raise DiffkitError("build smollm2 on its own, with --out DIR (where report.md goes): "
+                               "diffkit zoo build smollm2 --out DIR")
+        smollm2.check_available()
+        opts = {"out": str(out), "work": str(work) if work else None, "device": device, "threads": threads}
+        cfg = load_config(packaged(f"smollm2-{size}"), {k: v for k, v in opts.items() if v is not None})
+        if dry_run:
+            click.echo(plan_text(cfg))
+            return
+        run_pipeline(cfg, log=click.echo, overwrite=overwrite, command="diffkit " + shlex.join(sys.argv[1:]))
         return
     for name in names:
         if name not in ZOO_MODELS:
@@ -343,6 +351,33 @@ def demo(out, work, tokens, cc_tokens, dict_size, quiet):
 
     cfg = DemoConfig(tokens=tokens, cc_tokens=cc_tokens, cc_dict_size=dict_size)
     run_demo(out, work, cfg, log=click.echo, progress=not quiet, command=_command_line())
+
+
+@main.command("run")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the plan and the estimated sizes; run nothing.")
+@click.option("--work", default=None, help="Override the config's work folder.")
+@click.option("--out", default=None, help="Override the config's report folder.")
+@click.option("--overwrite", is_flag=True, help="Discard the work folder and start again.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_config(config, dry_run, work, out, overwrite, quiet):
+    """Two models to a report with one config file: collect, SAEs, map, align, crosscoder, compare, report.
+
+    \b
+    Example (copy diffkit/pipeline/configs/example.toml and edit it):
+      diffkit run my.toml --dry-run     the plan, store bytes, SAE / crosscoder sizes
+      diffkit run my.toml               run; run again to resume (a changed option reruns what it reaches)
+    \b
+    A stage that is done (WORK/stages/NAME.json) is kept; the resolved config is WORK/config.json.
+    """
+    from .pipeline.config import load_config
+    from .pipeline.runner import plan_text, run_pipeline
+
+    cfg = load_config(config, {k: v for k, v in (("work", work), ("out", out)) if v})
+    if dry_run:
+        click.echo(plan_text(cfg))
+        return
+    run_pipeline(cfg, log=click.echo, progress=not quiet, overwrite=overwrite, command=f"diffkit run {config}")
 
 
 @main.command("fit-map")

@@ -15,7 +15,8 @@ def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
     cfg = DemoConfig(tokens=3000, cc_tokens=4096, cc_dict_size=256, cc_batch_size=512)
     lines = []
     report = run_demo(tmp_path / "report", tmp_path / "work", cfg, log=lines.append)
-    assert [line[:5] for line in lines if line.startswith("[")] == [f"[{i}/6]" for i in range(1, 7)]
+    stages = ["losses", "collect", "saes", "map", "align", "crosscoder", "compare", "report"]  # the pipeline's
+    assert [line for line in lines if line.startswith("[")] == [f"[{i}/8] {s}" for i, s in enumerate(stages, 1)]
     text = check_report(report, "diffkit demo")
     assert "| diff | `zoo:base` | `zoo:finetuned` | 3,000 |" in text
     assert "| same | `zoo:base` | `zoo:base` | 3,000 |" in text

@@ -66,50 +66,57 @@ def test_missing_package_is_one_line_error(monkeypatch, attr):
     assert res.exit_code == 0 and "zoo:smollm2" in res.output and "not installed" in res.output
 
 
-def test_sizes_cpu_and_gpu():
-    from diffkit.zoo.smollm2_config import SIZES, Smollm2Config, size_config
+def _recipe(size: str, **overrides):
+    from diffkit.pipeline.config import load_config, packaged
 
-    gpu = SIZES["gpu"]
-    assert gpu.tokens >= 10_000_000 and gpu.sae_d == 16_384 and gpu.cc_dict >= 16_384
-    assert gpu.sae_steps * gpu.sae_batch >= 10_000_000 and gpu.cc_tokens >= 10_000_000 and gpu.device == "cuda"
-    assert SIZES["cpu"].sae_d == 4096 and SIZES["cpu"].device == "cpu"
-    assert size_config("gpu", device="cpu").device == "cpu"
-    assert Smollm2Config.from_json(gpu.to_json()) == gpu
-    with pytest.raises(DiffkitError, match="unknown keys"):
-        Smollm2Config.from_json({**gpu.to_json(), "bogus": 1})
-    with pytest.raises(DiffkitError, match="unknown smollm2 size"):
-        size_config("tpu")
-    with pytest.raises(DiffkitError, match="must not exceed"):
-        Smollm2Config(sae_k=64, sae_d=32)
+    return load_config(packaged(f"smollm2-{size}"), overrides)
+
+
+def test_sizes_cpu_and_gpu():
+    from diffkit.pipeline.config import from_dict
+
+    gpu, cpu = _recipe("gpu"), _recipe("cpu")
+    assert gpu.data.tokens >= 10_000_000 and gpu.saes.train.d_sae == 16_384 and gpu.crosscoder.dict_size >= 16_384
+    assert gpu.saes.train.tokens >= 10_000_000 and gpu.crosscoder.tokens >= 10_000_000
+    assert gpu.device == "cuda" and cpu.saes.train.d_sae == 4096 and cpu.device == "cpu"
+    assert _recipe("gpu", device="cpu").device == "cpu"
+    assert from_dict(gpu.to_json()) == gpu
+    with pytest.raises(DiffkitError, match="'bogus'"):
+        from_dict({**gpu.to_json(), "bogus": 1})
+    with pytest.raises(DiffkitError, match="no packaged config"):
+        _recipe("tpu")
+    with pytest.raises(DiffkitError, match="saes.train.k"):
+        _recipe("cpu", **{"saes.train.k": 64, "saes.train.d_sae": 32})
 
 
 def test_recipe_micro_end_to_end(tmp_path, loaded):
     import torch
     from sae_lens import SAE
 
-    from diffkit.zoo.smollm2_build import build_smollm2
-    from diffkit.zoo.smollm2_config import Smollm2Config
+    from diffkit.pipeline.runner import run_pipeline
 
-    cfg = Smollm2Config(size="micro", threads=torch.get_num_threads(), ft_steps=4, ft_batch=4, ft_ctx=48, ft_lr=5e-4,
-                        ft_warmup=1, eval_seqs=4, eval_ctx=64, tokens=2500, ctx=64, sae_d=128, sae_k=8, sae_steps=20,
-                        sae_batch=128, cc_dict=128, cc_k=8, cc_tokens=4000, cc_batch=256, compare_tokens=1000)
     out, work = tmp_path / "report", tmp_path / "work"
+    cfg = _recipe("cpu", out=str(out), work=str(work), threads=torch.get_num_threads(), **{
+        "finetune.steps": 4, "finetune.batch": 4, "finetune.ctx": 48, "finetune.lr": 5e-4, "finetune.warmup": 1,
+        "report.loss_sequences": 4, "data.tokens": 2500, "data.ctx": 64, "saes.train.d_sae": 128, "saes.train.k": 8,
+        "saes.train.tokens": 2560, "saes.train.batch_size": 128, "crosscoder.dict_size": 128, "crosscoder.k": 8,
+        "crosscoder.tokens": 4000, "crosscoder.batch_size": 256, "compare.tokens": 1000})
     logs: list[str] = []
-    results = build_smollm2(cfg, out, work, log=logs.append, progress=False, command="diffkit zoo build smollm2 (micro)")
+    results = run_pipeline(cfg, log=logs.append, progress=False, command="diffkit zoo build smollm2 (micro)")
 
     # the fine-tune moved toward code: lower held-out code loss than the base model
-    losses = results["losses"]
-    assert losses["finetuned"]["code"] < losses["base"]["code"]
+    base, tuned = results["losses"]["rows"]
+    assert tuned["code"] < base["code"]
     assert (work / "finetuned" / "config.json").exists()
     # one sae-lens SAE per model, loadable by sae-lens itself, hook recorded
     for side in ("a", "b"):
         sae = SAE.load_from_disk(str(work / f"sae-{side}"))
-        assert sae.cfg.d_sae == 128 and sae.cfg.metadata.hook_name == cfg.hook
-    store = json.loads((work / "store" / "manifest.json").read_text())
+        assert sae.cfg.d_sae == 128 and sae.cfg.metadata.hook_name == cfg.data.hook
+    store = json.loads((work / "store-diff" / "manifest.json").read_text())
     assert store["sources"]["a"]["spec"] == "zoo:smollm2" and store["sources"]["a"]["d_model"] == 576
-    counts = results["align"]["counts"]
+    counts = results["align"]["diff"]["counts"]
     assert counts["shared"] + counts["a_only"] == 128 and counts["shared"] + counts["b_only"] == 128
-    # the report: the project's head-to-head plus the smollm2 preamble, command and stage times at the top
+    # the report: the project's head-to-head plus the smollm2 preamble, the command at the top, stage times
     text = (out / "report.md").read_text()
     assert "diffkit zoo build smollm2 (micro)" in text.split("## The two models")[0]
     assert "| finetune |" in text and "| collect |" in text
@@ -117,27 +124,30 @@ def test_recipe_micro_end_to_end(tmp_path, loaded):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
     for name in ("stages", "losses", "saes", "changed_features", "headline"):
         assert (out / "tables" / f"{name}.csv").exists()
-    assert Smollm2Config.from_json(json.loads((work / "config.json").read_text())) == cfg
+    assert json.loads((work / "config.json").read_text()) == cfg.to_json()
 
     # resumable: a second run keeps every finished stage; changed options rerun only the stages they reach
     logs.clear()
-    build_smollm2(cfg, out, work, log=logs.append, progress=False, command="again")
+    run_pipeline(cfg, log=logs.append, progress=False, command="again")
     assert sum("done earlier" in line for line in logs) == 8
     logs.clear()
-    build_smollm2(replace(cfg, cc_k=4), out, work, log=logs.append, progress=False, command="again")
+    run_pipeline(replace(cfg, crosscoder=replace(cfg.crosscoder, k=4)), log=logs.append, progress=False,
+                 command="again")
     kept = [line.split("] ")[1].split(":")[0] for line in logs if "done earlier" in line]
-    assert kept == ["base", "finetune", "losses", "collect", "saes", "align"]
-    assert json.loads((work / "config.json").read_text())["cc_k"] == 4
+    assert kept == ["finetune", "losses", "collect", "saes", "map", "align"]
+    assert json.loads((work / "config.json").read_text())["crosscoder"]["k"] == 4
 
 
 def test_stale_stages_follow_the_data_flow():
-    from diffkit.zoo.smollm2_config import Smollm2Config, stale_stages
+    from diffkit.pipeline.runner import stale_stages
 
-    cfg = Smollm2Config()
+    cfg = _recipe("cpu")
     assert stale_stages(cfg, replace(cfg, threads=1, device="cuda")) == []
-    assert stale_stages(cfg, replace(cfg, sae_lr=1e-3)) == ["saes", "align", "compare"]
-    assert stale_stages(cfg, replace(cfg, cc_dict=8192)) == ["crosscoder", "compare"]
-    assert stale_stages(cfg, cfg, unrecorded=("max_norm_ratio",)) == ["collect", "saes", "align", "crosscoder",
-                                                                      "compare"]
-    assert stale_stages(cfg, replace(cfg, ft_steps=10)) == ["finetune", "losses", "collect", "saes", "align",
-                                                            "crosscoder", "compare"]
+    assert stale_stages(cfg, replace(cfg, saes=replace(cfg.saes, train=replace(cfg.saes.train, lr=1e-3)))) == \
+        ["saes", "align", "compare"]
+    assert stale_stages(cfg, replace(cfg, crosscoder=replace(cfg.crosscoder, dict_size=8192))) == ["crosscoder",
+                                                                                                  "compare"]
+    assert stale_stages(cfg, replace(cfg, data=replace(cfg.data, max_norm_ratio=0.0))) == \
+        ["collect", "saes", "map", "align", "crosscoder", "compare"]
+    assert stale_stages(cfg, replace(cfg, finetune=replace(cfg.finetune, steps=10))) == \
+        ["finetune", "losses", "collect", "saes", "map", "align", "crosscoder", "compare"]

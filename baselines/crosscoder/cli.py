@@ -55,7 +55,7 @@ def train_cmd(acts, out, arch, dict_size, k, l1, lr, batch_size, tokens, seed, d
       diffkit crosscoder train --acts runs/store --out runs/cc --dict-size 4096 --k 32
       torchrun --nproc-per-node 2 -m diffkit.cli crosscoder train --acts runs/store --out runs/cc
     """
-    from diffkit.cli import _device
+    from diffkit.devices import resolve_device as _device
 
     from .train import TrainConfig, train
 

@@ -135,15 +135,3 @@ def list_line() -> str:
     except DiffkitError:
         state = f"optional, not installed: {INSTALL_HINT}"
     return f"zoo:{NAME:<11} d_model {D_MODEL:<4} {DESCRIPTION} [{state}]"
-
-
-def info_line() -> str:
-    """The ``diffkit zoo info`` line: SmolLM2's held-out loss on the same domains (or why it is absent)."""
-    if not is_available():
-        return f"zoo:{NAME:<12}{'n/a':>8}{'n/a':>8}   (optional, not installed: {INSTALL_HINT})"
-    from .smollm2_config import Smollm2Config
-    from .smollm2_train import heldout_losses
-
-    path = hf_dir()
-    losses = heldout_losses(path, path, Smollm2Config())
-    return f"zoo:{NAME:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}   (own tokenizer: not comparable to the byte models)"

@@ -1,0 +1,291 @@
+"""The pipeline's stages: each one job, through the library calls the single commands use.
+
+A stage is ``fn(ctx) -> dict`` (its result, saved as ``WORK/stages/NAME.json`` by the runner). What
+the config makes is fixed by :func:`pairs` and :func:`runs`:
+
+- stores: ``diff`` (A vs B); ``same`` (A vs A) for the SAE-seed control; ``seed`` (A vs the model-seed model);
+- runs: ``diff`` (A's SAE vs B's), ``sae-seed control`` (A's SAE vs the null SAE, on ``same``),
+  ``model-seed pair`` (A's SAE vs the seed model's, on ``seed``).
+
+Work layout: ``store-LABEL``, ``sae-ROLE`` (trained SAEs), ``map-LABEL``, ``align-RUN``, ``crosscoder-LABEL``,
+``compare-RUN`` (RUN = the run label's first word).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import PipelineConfig
+
+# run label -> (store label, SAE role of A, SAE role of B, report role)
+RUN_ROLES = {"diff": ("diff", "a", "b", "main"), "sae-seed control": ("same", "a", "null", "sae-seed"),
+             "model-seed pair": ("seed", "a", "seed_pair", "model-seed")}
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    work: Path
+    out: Path
+    results: dict                      # {stage: result} of the stages run or kept so far
+    log: Callable[[str], None]
+    progress: bool
+    command: str
+
+
+def model_b(cfg: PipelineConfig) -> str:
+    """Model B's spec: ``models.b``, or the fine-tune's directory when it is ``finetune``."""
+    return str(Path(cfg.work) / "finetuned") if cfg.models.b == "finetune" else cfg.models.b
+
+
+def pairs(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """(label, model A, model B) of each store the config collects."""
+    a, b = cfg.models.a, model_b(cfg)
+    out = [("diff", a, b)]
+    if cfg.controls.sae_seed:
+        out.append(("same", a, a))
+    if cfg.controls.model_seed:
+        out.append(("seed", a, cfg.controls.model_seed))
+    return out
+
+
+def runs(cfg: PipelineConfig) -> list[str]:
+    """The diffs the config makes (labels of :data:`RUN_ROLES`), main first."""
+    stores = {label for label, _, _ in pairs(cfg)}
+    return [r for r, (store, _, _, _) in RUN_ROLES.items() if store in stores]
+
+
+def sae_roles(cfg: PipelineConfig) -> dict[str, tuple[str, str]]:
+    """{role: (SAE spec, store label the SAE reads when trained, side)} for the SAEs the runs use."""
+    roles = {"a": (cfg.saes.a, "diff", "a"), "b": (cfg.saes.b, "diff", "b")}
+    if cfg.controls.sae_seed:
+        roles["null"] = (cfg.saes.null, "diff", "a")
+    if cfg.controls.model_seed:
+        roles["seed_pair"] = (cfg.saes.seed_pair, "seed", "b")
+    return roles
+
+
+def run_dir(work: Path, kind: str, run: str) -> Path:
+    return work / f"{kind}-{run.split()[0]}"
+
+
+def _short(spec: str) -> str:
+    return spec.removeprefix("zoo:")
+
+
+def run_what(cfg: PipelineConfig, run: str) -> str:
+    """The report's one-line description of a run."""
+    a, b = _short(cfg.models.a), _short(cfg.models.b if cfg.models.b != "finetune" else "fine-tuned A")
+    if run == "diff":
+        return f"{a} vs {b}"
+    if run == "model-seed pair":
+        return f"{a} vs {_short(cfg.controls.model_seed)}"
+    seeds = [_sae_seed(cfg, s) for s in (cfg.saes.a, cfg.saes.null)]
+    seeds[1] = cfg.saes.train.null_seed if cfg.saes.null == "train" else seeds[1]
+    which = f"SAE seed {seeds[0]} vs {seeds[1]}" if None not in seeds else f"SAE {cfg.saes.a} vs {cfg.saes.null}"
+    return f"{a} vs {a}, {which}"
+
+
+def _sae_seed(cfg: PipelineConfig, spec: str) -> int | None:
+    if spec == "train":
+        return cfg.saes.train.seed
+    if spec.startswith("zoo:"):
+        _, _, seed = spec.partition("@")
+        return int(seed[4:]) if seed.startswith("seed") and seed[4:].isdigit() else 0
+    return None
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+
+def stage_finetune(ctx: Context) -> dict:
+    """Model A fine-tuned on ``finetune.corpus`` -> ``WORK/finetuned`` (an HF directory)."""
+    from ..progress import tqdm
+
+    from .finetune import finetune, hf_dir
+
+    f, out = ctx.cfg.finetune, ctx.work / "finetuned"
+    with tqdm(total=f.steps, desc="fine-tune", unit="step", disable=not ctx.progress) as bar:
+        def tick(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        losses = finetune(hf_dir(ctx.cfg.models.a), out, f, seed=ctx.cfg.seed, device=ctx.cfg.device, progress=tick)
+    return {"dir": str(out), "train_loss": losses, "tokens": f.steps * f.batch * f.ctx}
+
+
+def model_losses(loaded: Any, n_seqs: int = 64, ctx: int = 128, device: str = "cpu") -> dict[str, float]:
+    """Held-out next-token loss (nats/token) of a loaded model on the prose and code corpora's held-out
+    documents: the first ``n_seqs`` sequences of ``ctx`` tokens of each, mean over real targets."""
+    import numpy as np
+    import torch
+
+    from ..corpora import token_sequences
+    from ..zoo.build import next_token_loss
+
+    out = {}
+    for domain in ("prose", "code"):
+        seqs = []
+        for seq in token_sequences(domain, loaded.tokenizer, ctx, split="heldout"):
+            seqs.append(seq)
+            if len(seqs) >= n_seqs:
+                break
+        ids = torch.from_numpy(np.stack([s.ids for s in seqs]).astype(np.int64)).to(device)
+        lengths = torch.as_tensor([s.length for s in seqs], device=device)
+        step = 64 if loaded.d_model <= 512 else 8  # one batch for the zoo; a big vocabulary's logits stay bounded
+        with torch.no_grad():
+            total = sum(float(next_token_loss(loaded.model, ids[i:i + step], lengths[i:i + step]))
+                        * int((lengths[i:i + step] - 1).sum()) for i in range(0, len(ids), step))
+        out[domain] = total / int((lengths - 1).sum())
+    return out
+
+
+def stage_losses(ctx: Context) -> dict:
+    """Held-out loss of each model of the config (:func:`model_losses`)."""
+    from ..models import load_model
+
+    n, rows = ctx.cfg.report.loss_sequences, []
+    for spec in dict.fromkeys(m for _, a, b in pairs(ctx.cfg) for m in (a, b)):
+        rows.append({"model": spec, **model_losses(load_model(spec, device=ctx.cfg.device), n, device=ctx.cfg.device)})
+    return {"rows": rows, "sequences": n, "ctx": 128}
+
+
+def stage_collect(ctx: Context) -> dict:
+    from ..activations import CollectConfig, collect_activations
+
+    d, rows = ctx.cfg.data, []
+    for label, a, b in pairs(ctx.cfg):
+        path = ctx.work / f"store-{label}"
+        ccfg = CollectConfig(model_a=a, model_b=b, hook_a=d.hook, hook_b=d.hook_b or d.hook, corpus=d.corpus,
+                             tokens=d.tokens, ctx=d.ctx, seed=ctx.cfg.seed, batch_size=d.batch_size, dtype=d.dtype,
+                             max_norm_ratio=d.max_norm_ratio)
+        s = collect_activations(ccfg, path, overwrite=path.exists(), device=ctx.cfg.device, progress=ctx.progress)
+        rows.append({"store": label, "model A": a, "model B": b, "tokens": s.tokens, "train": s.train_tokens,
+                     "held-out": s.heldout_tokens, "scale A": s.scale_a, "scale B": s.scale_b,
+                     "tokens/s": s.tokens_per_second, "bytes": s.bytes, "massive_dropped": s.massive_dropped})
+    return {"stores": rows}
+
+
+def _clear_stale_sae(out: Path, trainer_cfg: Any, collect_marker: Path) -> None:
+    """Remove an SAE (or an interrupted one's ``.partial``) that the trainer must not keep or resume: one
+    trained with other options, or older than the store (a store collected again keeps its path)."""
+    import json
+    from dataclasses import asdict
+
+    from ..sae_train import RUN_JSON, TRAIN_JSON, partial_dir
+
+    for path, record in ((out, TRAIN_JSON), (partial_dir(out), RUN_JSON)):
+        if not path.exists():
+            continue
+        try:
+            same = json.loads((path / record).read_text()).get("config") == asdict(trainer_cfg)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same or not collect_marker.exists() or path.stat().st_mtime < collect_marker.stat().st_mtime:
+            shutil.rmtree(path)
+
+
+def stage_saes(ctx: Context) -> dict:
+    """Train the SAEs the config asks to ``train`` (into ``WORK/sae-ROLE``, :mod:`diffkit.sae_train`); pass the
+    others through. An SAE left by an interrupted stage, with the same options and store, is kept or resumed."""
+    from ..activations import ActivationStore
+    from ..sae_train import train_sae_from_store
+
+    t, result = ctx.cfg.saes.train, {}
+    for role, (spec, store_label, side) in sae_roles(ctx.cfg).items():
+        if spec != "train":
+            result[role] = {"spec": spec}
+            continue
+        seed = t.null_seed if role == "null" else t.seed
+        out, tcfg = ctx.work / f"sae-{role}", t.trainer_config(seed)
+        _clear_stale_sae(out, tcfg, ctx.work / "stages" / "collect.json")
+        store = ActivationStore.open(ctx.work / f"store-{store_label}")
+        m = train_sae_from_store(store, side, tcfg, out, resume=True, device=ctx.cfg.device,
+                                 progress=ctx.progress)["metrics"]
+        result[role] = {"spec": str(out), "trained": True, "seed": seed, "fve": m["fve"], "l0": m["l0"],
+                        "dead_fraction": m["dead_fraction"]}
+        ctx.log(f"  SAE {role} ({store.manifest['sources'][side].get('spec')}, seed {seed}): held-out FVE "
+                f"{m['fve']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}")
+    return result
+
+
+def stage_map(ctx: Context) -> dict:
+    """The affine lstsq map of each store (both directions), saved at ``WORK/map-LABEL``."""
+    from ..activations import ActivationStore
+    from ..linear_map import LinearMap
+
+    out = {}
+    for label, _, _ in pairs(ctx.cfg):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[label] = str(LinearMap().fit(ActivationStore.open(ctx.work / f"store-{label}"))
+                             .save(ctx.work / f"map-{label}"))
+    return {"maps": out}
+
+
+def stage_align(ctx: Context) -> dict:
+    from ..activations import ActivationStore
+    from ..diff import AlignConfig, align, save_diff
+    from ..linear_map import LinearMap
+    from ..saes import load_sae
+
+    saes, maps, result = ctx.results["saes"], ctx.results["map"]["maps"], {}
+    for run in runs(ctx.cfg):
+        store_label, role_a, role_b, _ = RUN_ROLES[run]
+        acts = ctx.work / f"store-{store_label}"
+        spec_a, spec_b = saes[role_a]["spec"], saes[role_b]["spec"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diff = align(ActivationStore.open(acts), load_sae(spec_a, device=ctx.cfg.device),
+                         load_sae(spec_b, device=ctx.cfg.device), LinearMap.load(maps[store_label]),
+                         AlignConfig(device=ctx.cfg.device))
+        save_diff(diff, run_dir(ctx.work, "align", run), {"acts": str(acts), "sae_a": spec_a, "sae_b": spec_b,
+                                                          "map": maps[store_label]})
+        s = diff.summary
+        result[run] = {"counts": s["counts"], "threshold": s["threshold"], "n_a": s["n_a"], "n_b": s["n_b"]}
+    return result
+
+
+def stage_crosscoder(ctx: Context) -> dict:
+    from baselines.crosscoder.train import TrainConfig, train
+
+    c, result = ctx.cfg.crosscoder, {}
+    for label, _, _ in pairs(ctx.cfg):
+        tcfg = TrainConfig(acts=str(ctx.work / f"store-{label}"), out=str(ctx.work / f"crosscoder-{label}"),
+                           dict_size=c.dict_size, k=c.k, batch_size=c.batch_size, lr=c.lr, tokens=c.tokens,
+                           checkpoint_every=0, device=ctx.cfg.device, seed=ctx.cfg.seed)
+        shutil.rmtree(tcfg.out, ignore_errors=True)  # always from scratch: the stage marker is the resume point
+        s = train(tcfg, progress=ctx.progress, threads=ctx.cfg.threads, log=lambda _: None)
+        result[label] = {"steps": s["steps"], "train_seconds": s["seconds"], "fve_a": s["heldout"].get("fve_a"),
+                         "fve_b": s["heldout"].get("fve_b")}
+        ctx.log(f"  crosscoder {label}: {s['steps']} steps in {s['seconds']:.1f} s, held-out FVE "
+                f"{s['heldout'].get('fve_a', float('nan')):.3f} / {s['heldout'].get('fve_b', float('nan')):.3f}")
+    return result
+
+
+def stage_compare(ctx: Context) -> dict:
+    from ..compare import CompareConfig, compare
+
+    out = {}
+    for run in runs(ctx.cfg):
+        store_label = RUN_ROLES[run][0]
+        ccfg = CompareConfig(align=str(run_dir(ctx.work, "align", run)),
+                             crosscoder=str(ctx.work / f"crosscoder-{store_label}"),
+                             acts=str(ctx.work / f"store-{store_label}"), out=str(run_dir(ctx.work, "compare", run)),
+                             tokens=ctx.cfg.compare.tokens)
+        compare(ccfg)
+        out[run] = ccfg.out
+    return {"dirs": out}
+
+
+def stage_report(ctx: Context) -> dict:
+    from .report import write
+
+    return {"report": str(write(ctx))}
+
+
+STAGE_FNS = {"finetune": stage_finetune, "losses": stage_losses, "collect": stage_collect, "saes": stage_saes, "map": stage_map,
+             "align": stage_align, "crosscoder": stage_crosscoder, "compare": stage_compare, "report": stage_report}
