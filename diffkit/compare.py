@@ -132,12 +132,14 @@ def read_align_dir(path: str | Path, store: Any, acts: str | Path) -> tuple[dict
 
 def check_crosscoder(path: str | Path, store: Any, acts: str | Path) -> dict:
     """The crosscoder's cfg.json, checked against the store (widths, hooks, normalization)."""
-    from baselines.crosscoder.model import CFG_FILE
+    from baselines.crosscoder.model import CFG_FILE, FORMAT_VERSION, KIND
+
+    from .io import read_sealed_json
 
     path = Path(path)
     if not (path / CFG_FILE).exists():
         raise DiffkitError(f"--crosscoder {path} has no {CFG_FILE}: pass the --out of `diffkit crosscoder train`")
-    cfg = json.loads((path / CFG_FILE).read_text())
+    cfg = read_sealed_json(path / CFG_FILE, KIND, FORMAT_VERSION, "train it again with `diffkit crosscoder train`")
     widths = (store.d_model("a"), store.d_model("b"))
     if tuple(cfg.get("d_in", ())) != widths:
         raise DiffkitError(f"--crosscoder {path} has widths {tuple(cfg.get('d_in', ()))}, the store {acts} {widths}: "
@@ -225,8 +227,14 @@ def cost(align_meta: dict, align_summary: dict, cc_dir: Path, cc_cfg: dict, stor
     d_a, d_b = store.d_model("a"), store.d_model("b")
     n_a, n_b = n_sae["a"], n_sae["b"]
     map_dir = align_meta.get("inputs", {}).get("map")
-    map_meta = json.loads((Path(map_dir) / "map.json").read_text()) if map_dir and (Path(map_dir) / "map.json").exists() \
-        else {}
+    if map_dir and (Path(map_dir) / "map.json").exists():
+        from .io import read_sealed_json
+        from .linear_map import MAP_FORMAT_VERSION, MAP_KIND
+
+        map_meta = read_sealed_json(Path(map_dir) / "map.json", MAP_KIND, MAP_FORMAT_VERSION,
+                                    f"fit it again with `diffkit fit-map --out {map_dir}`")
+    else:
+        map_meta = {}
     n_train = map_meta.get("n_train", store.n_tokens("train"))
     n_held = map_meta.get("n_heldout", store.n_tokens("heldout"))
     n_stats = align_summary.get("tokens", 0)

@@ -161,6 +161,29 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Tokenizer, di
     return model, _tokenizer_from_json(meta["tokenizer"], path), meta
 
 
+def upgrade_checkpoint(path: Path) -> None:
+    """Rewrite a format-1 checkpoint (before ``model.json`` was sealed) as format 2, then load it through
+    every check; if it fails them the old ``model.json`` is put back. A migration a person runs on their own
+    files (e.g. zoo artifacts built before the seal): no reader ever does this on its own.
+
+    Example: ``python -c "from diffkit.models import upgrade_checkpoint as u; u('diffkit/zoo/artifacts/base/model')"``
+    """
+    from .io import atomic_write_bytes, read_json_object, sha256_file, write_sealed_json
+
+    path = Path(path)
+    old = (path / CONFIG_FILE).read_bytes() if (path / CONFIG_FILE).is_file() else None
+    meta = read_json_object(path / CONFIG_FILE, "point at a diffkit checkpoint directory")
+    if meta.get("kind") != CHECKPOINT_KIND or meta.get("format_version") != 1 or not (path / WEIGHTS_FILE).is_file():
+        raise DiffkitError(f"{path} is not a format-1 diffkit checkpoint with its weights: nothing to upgrade")
+    write_sealed_json(path / CONFIG_FILE, {**meta, "format_version": CHECKPOINT_FORMAT_VERSION,
+                                           "weights_sha256": sha256_file(path / WEIGHTS_FILE)})
+    try:
+        load_checkpoint(path)
+    except DiffkitError:
+        atomic_write_bytes(path / CONFIG_FILE, old)
+        raise
+
+
 def _load_hf_dir(path: Path, device: str) -> tuple[Any, Tokenizer]:
     """A local HF model directory through TransformerLens's loading functions (no hub access)."""
     from transformer_lens import HookedTransformer

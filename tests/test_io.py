@@ -93,3 +93,32 @@ def test_store_format_keeps_the_old_names():
     for name in ("atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "sha256_file", "sha256_bytes",
                  "first_line", "read_json", "read_json_object", "load_safetensors", "verify_sha256", "check_tensors"):
         assert getattr(sf, name) is getattr(io, name)
+
+
+def test_a_format_1_checkpoint_is_upgraded_only_if_it_passes_every_check(tmp_path):
+    """The migration for checkpoints saved before the seal (the organisms' zoo models, say): it reseals a
+    sound one and refuses, leaving the file as it was, one whose weights do not fit its config."""
+    from diffkit.models import load_checkpoint, upgrade_checkpoint
+    from diffkit.zoo import model_dir
+
+    def as_format_1(dst):
+        shutil.copytree(model_dir("base"), dst)
+        meta = json.loads((dst / "model.json").read_text())
+        for key in (SEAL_KEY, "weights_sha256"):
+            del meta[key]
+        (dst / "model.json").write_text(json.dumps({**meta, "format_version": 1}, indent=2, sort_keys=True))
+        return dst
+
+    good = as_format_1(tmp_path / "good")
+    with pytest.raises(DiffkitError, match="written before checksums"):
+        load_checkpoint(good)
+    upgrade_checkpoint(good)
+    assert load_checkpoint(good)[2]["format_version"] == 2
+    bad = as_format_1(tmp_path / "bad")
+    meta = json.loads((bad / "model.json").read_text())
+    meta["config"]["d_model"] = 64
+    (bad / "model.json").write_text(json.dumps(meta))
+    before = (bad / "model.json").read_bytes()
+    with pytest.raises(DiffkitError, match="does not match its config"):
+        upgrade_checkpoint(bad)
+    assert (bad / "model.json").read_bytes() == before

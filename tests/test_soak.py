@@ -55,8 +55,11 @@ def test_compare_trees_finds_a_flipped_byte_and_an_extra_file(soak, tmp_path):
 def test_json_comparison_ignores_timing_and_the_run_directory(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    (a / "s.json").write_text(json.dumps({"seconds": 1.0, "out": str(a / "x"), "loss": 2.0, "fit_seconds": 3}))
-    (b / "s.json").write_text(json.dumps({"seconds": 9.0, "out": str(b / "x"), "loss": 2.0, "fit_seconds": 7}))
+    from diffkit.io import write_sealed_json
+
+    # sealed (diffkit.io): the seals differ with the timings and paths they cover, and are ignored with them
+    write_sealed_json(a / "s.json", {"seconds": 1.0, "out": str(a / "x"), "loss": 2.0, "fit_seconds": 3})
+    write_sealed_json(b / "s.json", {"seconds": 9.0, "out": str(b / "x"), "loss": 2.0, "fit_seconds": 7})
     assert normalized_json(a / "s.json", a) == normalized_json(b / "s.json", b) == {"out": "<OUT>/x", "loss": 2.0}
     (b / "s.json").write_text(json.dumps({"seconds": 9.0, "out": str(b / "x"), "loss": 2.5}))
     assert compare_trees(a, b) == ["differs s.json"]

@@ -187,10 +187,12 @@ def run_attempt(cmd: list[str], threads: int, kill_at: float | None, resume: boo
 
 # -- comparisons ----------------------------------------------------------------------------------
 def normalized_json(path: Path, root: Path) -> Any:
-    """JSON of ``path`` with timing keys dropped and the run directory ``root`` written as <OUT>."""
+    """JSON of ``path`` with timing and checksum keys dropped and the run directory ``root`` written as <OUT>."""
     def clean(obj: Any) -> Any:
         if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if not any(t in k for t in TIMING_KEYS)}
+            # Checksums (the seal, file sha256s) follow the timings and paths they cover; every file they
+            # vouch for is compared itself.
+            return {k: clean(v) for k, v in obj.items() if not any(t in k for t in TIMING_KEYS) and "sha256" not in k}
         if isinstance(obj, list):
             return [clean(v) for v in obj]
         if isinstance(obj, str):
