@@ -133,7 +133,10 @@ def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
     ft_w = load_checkpoint(tmp_path / "finetuned" / "model")[0].W_E
     assert not torch.equal(base_w, ft_w) and torch.allclose(base_w, ft_w, atol=0.05)  # fine-tuned from base
     report = json.loads((tmp_path / "build.json").read_text())
-    assert set(report) == {"base", "finetuned", "_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    assert set(report) == {"base", "finetuned", "_sae_recipe", "_last_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    # ... and every one of them a blocks.1 SAE too (base: both seeds)
+    assert report["base"]["sae_blocks.1_seed1"]["l0"] <= 4 and report["finetuned"]["sae_blocks.1"]["l0"] <= 4
+    assert SAE.load_from_disk(tmp_path / "base" / "sae-blocks.1").cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     # base also gets its seed-1 SAE (the SAE-noise control), trained from another initialisation.
     assert report["base"]["sae_seed1"]["l0"] <= 4 and "sae_seed1" not in report["finetuned"]
     sae0, sae1 = (SAE.load_from_disk(tmp_path / "base" / d) for d in ("sae", "sae-seed1"))
