@@ -94,7 +94,8 @@ def test_build_recipe_runs_at_tiny_scale(tmp_path):
 
 def test_committed_zoo_is_small():
     total = sum(p.stat().st_size for p in zoo.ARTIFACTS.rglob("*") if p.is_file())
-    assert total < 20 * 2**20, f"zoo artifacts are {total / 2**20:.1f} MB"
+    # 11 MB for the original zoo, +13 MB for five organisms (fp16, ~0.95 MB each) and seven blocks.1 SAEs (~1.1 MB)
+    assert total < 28 * 2**20, f"zoo artifacts are {total / 2**20:.1f} MB"
 
 
 def test_zoo_info_prints_both_domains():
@@ -123,6 +124,8 @@ def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
                                            "finetuned": dataclasses.replace(RECIPES["finetuned"], **tiny)})
     monkeypatch.setattr(build, "SAE_RECIPE", dataclasses.replace(SAE_RECIPE, steps=2, tokens=2000, batch_size=128,
                                                                  d_sae=64, k=4))
+    monkeypatch.setattr(build, "LAST_SAE_RECIPE", dataclasses.replace(build.LAST_SAE_RECIPE, steps=2, tokens=2000,
+                                                                      batch_size=128, d_sae=64, k=4))
     result = CliRunner().invoke(main, ["zoo", "build", "base", "finetuned", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "zoo:finetuned: held-out loss" in result.output
@@ -130,7 +133,10 @@ def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
     ft_w = load_checkpoint(tmp_path / "finetuned" / "model")[0].W_E
     assert not torch.equal(base_w, ft_w) and torch.allclose(base_w, ft_w, atol=0.05)  # fine-tuned from base
     report = json.loads((tmp_path / "build.json").read_text())
-    assert set(report) == {"base", "finetuned", "_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    assert set(report) == {"base", "finetuned", "_sae_recipe", "_last_sae_recipe"} and report["base"]["sae"]["l0"] <= 4
+    # ... and every one of them a blocks.1 SAE too (base: both seeds)
+    assert report["base"]["sae_blocks.1_seed1"]["l0"] <= 4 and report["finetuned"]["sae_blocks.1"]["l0"] <= 4
+    assert SAE.load_from_disk(tmp_path / "base" / "sae-blocks.1").cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     # base also gets its seed-1 SAE (the SAE-noise control), trained from another initialisation.
     assert report["base"]["sae_seed1"]["l0"] <= 4 and "sae_seed1" not in report["finetuned"]
     sae0, sae1 = (SAE.load_from_disk(tmp_path / "base" / d) for d in ("sae", "sae-seed1"))
@@ -150,7 +156,7 @@ def test_sae_specs_name_zoo_saes_and_their_seeds():
     assert zoo.sae_spec_dir("zoo:base@seed1") == zoo.ARTIFACTS / "base" / "sae-seed1"
     a, b = load_sae("zoo:base"), load_sae("zoo:base@seed1")
     assert a.d_sae == b.d_sae and not torch.equal(a.W_dec, b.W_dec)
-    for bad, message in (("zoo:base@seed7", "seeds 0, 1"), ("zoo:finetuned@seed1", "seeds 0,"),
-                         ("zoo:base@7", "zoo:NAME@seedN"), ("zoo:nope", "unknown zoo model")):
+    for bad, message in (("zoo:base@seed7", "it has zoo:base, zoo:base@seed1"), ("zoo:finetuned@seed1", "it has zoo:finetuned,"),
+                         ("zoo:base@7", r"zoo:NAME\[@seedN\]"), ("zoo:nope", "unknown zoo model")):
         with pytest.raises(DiffkitError, match=message):
             load_sae(bad)
