@@ -175,7 +175,7 @@ def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: 
     from .activations import (CollectConfig, _clean_uncommitted, _prepare_out_dir, _seqs_per_shard, _shard_layout,
                               _summary, finish_manifest)
     from .corpora import Sequence
-    from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, atomic_save_npy, atomic_write_json, shard_files
+    from .store_format import FORMAT_VERSION, STORE_KIND, atomic_save_npy, shard_files, write_manifest
 
     t0 = time.time()
     out = Path(out)
@@ -205,7 +205,7 @@ def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: 
         manifest = {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "diffkit_version": __version__,
                     "config": asdict(collect), "complete": False, "seqs_per_shard": _seqs_per_shard(collect, max(d.values())),
                     "has_bos": cfg.bos, "shards": [], "sources": sources, "import": {**asdict(cfg), "files": stamp}}
-        atomic_write_json(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
     elif manifest["complete"]:
         log(f"{out} is already complete; nothing to resume")
         return _summary(out, manifest, time.time() - t0, len(manifest["shards"]))
@@ -244,7 +244,7 @@ def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: 
             for key, array in tensors.items():
                 record["files"][names[key]] = atomic_save_npy(out / names[key], array)
             manifest["shards"].append(record)
-            atomic_write_json(out / MANIFEST, manifest)
+            write_manifest(out, manifest)
             bar.update(len(flat))
     except _BadData as exc:
         bar.close()
@@ -252,7 +252,7 @@ def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: 
         raise DiffkitError(str(exc)) from None
     bar.close()
     finish_manifest(manifest, d)
-    atomic_write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return _summary(out, manifest, time.time() - t0, done)
 
 

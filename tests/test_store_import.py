@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from diffkit.activations import ActivationStore
 from diffkit.cli import main
-from diffkit.store_format import shard_files
+from diffkit.store_format import shard_files, write_manifest
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -115,7 +115,8 @@ def test_interrupted_import_resumes(zoo_store, tmp_path):
     man["shards"], man["complete"] = man["shards"][:1], False
     for key in ("n_tokens", "scale", "scale_formula"):
         man.pop(key)
-    (tmp_path / "cut" / "manifest.json").write_text(json.dumps(man))
+    man.pop("json_sha256")
+    write_manifest(tmp_path / "cut", man)  # sealed, as the importer itself writes it after each shard
     (tmp_path / "cut" / "a" / "shard_00001.npy").write_bytes(b"torn")
     res = _import(paths, tmp_path / "cut", *opts)
     assert res.exit_code == 2 and "--resume" in res.output
