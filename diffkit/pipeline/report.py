@@ -9,8 +9,7 @@ from pathlib import Path
 from .stages import RUN_ROLES, Context, pairs, run_dir, run_what, runs
 
 RUN_TEXT = {"diff": "{a} vs {b} with their own SAEs",
-            "sae-seed control": "{a} vs {a} with two SAEs of {a} ({what}; the crosscoder sees two identical "
-                                "models): the noise floor of both methods",
+            "sae-seed control": "{what} (the crosscoder sees two identical models): the noise floor of both methods",
             "model-seed pair": "{a} vs {seed}, another network from the same recipe"}
 
 
