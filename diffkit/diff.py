@@ -38,7 +38,9 @@ rank                   1 = most different, within each kind
 
 Rank-by methods (:data:`RANKINGS`): ``act-mass`` |act_mass_log_ratio| (default); ``enc-norm``
 |enc_norm_diff|; ``enc-norm-robust`` |enc_norm_diff_robust|; ``freq`` |freq_log_ratio|;
-``mean-act`` |mean_act_log_ratio|; ``corr`` 1 − pair_corr.
+``mean-act`` |mean_act_log_ratio|; ``corr`` 1 − pair_corr; ``map-error`` the map's error where the
+feature fires (:mod:`diffkit.divergence`; columns ``map_err_a``/``map_err_b``; every row, unmatched
+ones included, is scored by it, a shared pair by the larger of its two sides).
 
 Why ``act-mass`` is the default: on planted ground truth with real sae-lens TopK SAEs (``diffkit
 bench groundtruth``), shared features whose strength was changed in B are found by the centred
@@ -95,7 +97,7 @@ from .metrics import log_ratio, robust_scale
 DIFF_KIND = "diffkit.FeatureDiff"
 DIFF_FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.5
-RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
+RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr", "map-error")
 COSTS = ("cosine", "corr", "blend")
 SPLITS = ("all", "train", "heldout")
 # The statistics pass holds a few (rows, d_sae) feature matrices at once (each SAE's encoding, its
@@ -341,6 +343,11 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                            f"{store.d_model('a')} -> {store.d_model('b')}: fit the map on this store")
     if store.n_tokens(cfg.split) == 0:
         raise DiffkitError(f"the store has no tokens in split {cfg.split!r}: use --split all or collect more tokens")
+    if cfg.rank_by == "map-error" and not any(hasattr(e, "feature_columns") for e in extra):
+        from .divergence import Divergence, split_positions  # the map-error sums ride on this pass
+
+        extra = [*extra, Divergence(lmap, store.n_tokens(cfg.split), split_positions(store, cfg.split),
+                                    int(store.config.ctx), sae_a.W_dec, sae_b.W_dec)]
     carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
     dirs_b = sae_b.W_dec.double().numpy()
     need_cross = cfg.cost != "cosine"
@@ -352,12 +359,12 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
     if need_cross:
         stats = _stat_pass(store, sae_a, sae_b, cfg, cross=True, pairs=None, progress=progress, extra=extra)
         t_stats = time.perf_counter()
-        extra = correlation(stats["full"].numpy(), stats["a"], stats["b"])
-        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=extra,
+        corr = correlation(stats["full"].numpy(), stats["a"], stats["b"])  # (not `extra`: the accumulators stay)
+        asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, extra_similarity=corr,
                      blend=1.0 if cfg.cost == "corr" else cfg.blend, device=cfg.device, progress=progress)
         t_assign = time.perf_counter()
         _check_some_match(asg, cfg, sae_a, sae_b)
-        pair_corr = extra[asg.pair_a, asg.pair_b]
+        pair_corr = corr[asg.pair_a, asg.pair_b]
     else:
         asg = assign(carried, dirs_b, cfg.threshold, solver=cfg.solver, k=cfg.k, device=cfg.device,
                      progress=progress)
@@ -369,7 +376,10 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
         pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
     cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
     table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
-                   decoder_norms(sae_a), decoder_norms(sae_b), cfg.rank_by)
+                   decoder_norms(sae_a), decoder_norms(sae_b), "act-mass" if cfg.rank_by == "map-error" else cfg.rank_by)
+    for acc in extra:
+        if hasattr(acc, "feature_columns"):  # diffkit.divergence: map_err_a/_b columns (and the map-error rank)
+            table = acc.feature_columns(table, rank=cfg.rank_by == "map-error")
     summary = _summary(asg, lmap, stats, cfg, notes, table, pair_corr,
                        {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
                         "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
