@@ -1,0 +1,56 @@
+"""The organism scoring functions on planted arrays: each answer is known by construction."""
+
+import numpy as np
+import pytest
+
+from diffkit.bench.organisms_score import (first_planted_rank, listed_scores, method_scores, planted_items,
+                                           precision_at_k, safe_auroc)
+
+
+def test_planted_items_use_the_share_of_mass_against_the_base_rate():
+    mass = np.array([10.0, 10.0, 10.0, 0.0, 4.0])
+    on_planted = np.array([5.0, 0.4, 0.6, 0.0, 4.0])
+    # base rate 0.3%: 20x = 6% of the mass; items 0 (50%), 2 (6%), 4 (100%) qualify, 1 (4%) and the dead 3 do not
+    assert planted_items(mass, on_planted, 0.003).tolist() == [True, False, True, False, True]
+    assert planted_items(mass, on_planted, 0.003, factor=50).tolist() == [True, False, False, False, True]
+
+
+def test_precision_and_first_rank_on_a_known_order():
+    planted = np.zeros(100, bool)
+    planted[[3, 7, 50]] = True
+    scores = -np.arange(100, dtype=float)  # item i at rank i + 1
+    assert precision_at_k(scores, planted, 10) == pytest.approx(0.2)
+    assert precision_at_k(scores, planted, 50) == pytest.approx(0.04)
+    assert first_planted_rank(scores, planted) == 4
+    neg = np.flatnonzero(~planted)
+    assert safe_auroc(scores, planted) == pytest.approx(np.mean([(neg > i).sum() / 97 for i in (3, 7, 50)]))
+
+
+def test_ties_give_the_expected_value_not_the_input_order():
+    planted = np.zeros(100, bool)
+    planted[:5] = True  # first in input order: a stable sort would credit a constant score with 0.5
+    flat = np.zeros(100)
+    assert precision_at_k(flat, planted, 10) == pytest.approx(0.05)
+    assert first_planted_rank(flat, planted) == pytest.approx(1 + 95 / 6)
+    assert safe_auroc(flat, planted) == pytest.approx(0.5)
+
+
+def test_unlisted_and_nan_items_tie_at_the_bottom():
+    s = listed_scores(6, np.array([4, 1]))
+    assert s[4] > s[1] > -np.inf and np.isneginf(s[[0, 2, 3, 5]]).all()
+    planted = np.array([False, False, True, False, False, False])
+    assert first_planted_rank(s, planted) == pytest.approx(3 + 3 / 2)  # 2 listed above, 3 unlisted tied with it
+    nan = np.array([np.nan, 1.0, np.nan])
+    assert first_planted_rank(nan, np.array([True, False, False])) == pytest.approx(2 + 1 / 2)
+
+
+def test_method_scores_shape_and_token_auroc():
+    planted = np.array([True] + [False] * 59)
+    tokens = np.r_[np.ones(10), np.zeros(990)]
+    out = method_scores(-np.arange(60.0), planted, token_scores=tokens + np.linspace(0, 0.5, 1000),
+                        token_labels=tokens.astype(int))
+    assert set(out) >= {"precision_at_10", "precision_at_50", "first_planted_rank", "auroc", "token_auroc"}
+    assert out["precision_at_10"] == pytest.approx(0.1) and out["first_planted_rank"] == 1
+    assert out["token_auroc"] == pytest.approx(1.0)
+    none = method_scores(np.zeros(5), np.zeros(5, bool))
+    assert none["first_planted_rank"] is None and none["auroc"] is None and "token_auroc" not in none
