@@ -11,6 +11,9 @@ Conventions every later stage relies on:
   magnitude, and were one of the ways the first training-free diff went wrong).
 - The split is by sequence: every ``heldout_every``-th sequence of the (shuffled) stream is held
   out. Maps and dictionaries are fitted on ``train`` and scored on ``heldout``.
+- Optional per-row labels (the answer key of a planted corpus, ``organism:NAME``): ``labels(split)``
+  in the row order of ``iter_shards`` / ``iter_batches(shuffle=False)``; names in
+  ``manifest["labels"]["names"]``. Stores without them open as before (``has_labels`` False).
 - Raw activations are stored. Each model's normalization scale ``sqrt(d_model) / mean ||x||``
   (mean over train tokens, BOS excluded) is in the manifest and applied on read when
   ``normalized=True``, so a normalized row has mean norm ``sqrt(d_model)``.
@@ -30,6 +33,7 @@ import numpy as np
 
 from . import __version__
 from .corpora import Sequence, kept_positions, token_sequences
+from .organisms import label_names
 from .errors import DiffkitError
 from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic_save_npy, atomic_write_json,
                            check_shard_file, load_npy, read_manifest, shard_files, validate_manifest)
@@ -188,7 +192,7 @@ def _massive_rows(rows: dict[str, np.ndarray], flat: np.ndarray, ctx: int, ratio
 def _clean_uncommitted(out: Path, manifest: dict) -> None:
     """Remove shard files of a killed run that the manifest does not list (and temp files)."""
     listed = {rel for shard in manifest["shards"] for rel in shard["files"]}
-    for sub in ("tokens", *SOURCES):
+    for sub in ("tokens", *SOURCES, "labels"):
         folder = out / sub
         if folder.exists():
             for path in folder.iterdir():
@@ -221,6 +225,19 @@ def _forward_rows(model: Any, hook: str, ids: np.ndarray, flat_pos: np.ndarray, 
                            f"{seq_offset + seq}, position {pos} (token id {int(ids[seq, pos])}): check the "
                            "model's weights and dtype; collection stopped, finished shards are kept")
     return rows.numpy().astype(out_dtype, copy=False)
+
+
+def _shard_labels(seqs: list[tuple[Sequence, np.ndarray]], flat: np.ndarray, ctx: int, n_names: int) -> np.ndarray:
+    """The label of each stored row (flat positions into the shard's token matrix); 0 where a row has none."""
+    dtype = np.uint8 if n_names <= 256 else np.int16
+    mat = np.zeros((len(seqs), ctx), dtype=dtype)
+    for row, (seq, _) in enumerate(seqs):
+        if seq.labels is not None:
+            if int(seq.labels.max(initial=0)) >= n_names:
+                raise DiffkitError(f"corpus label {int(seq.labels.max())} has no name (the corpus names {n_names}): "
+                                   "the corpus and its label names disagree")
+            mat[row] = seq.labels
+    return mat.reshape(-1)[flat]
 
 
 def _shard_layout(seqs: list[tuple[Sequence, np.ndarray]], seq_start: int, cfg: CollectConfig):
@@ -280,6 +297,9 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
                     "config": asdict(cfg), "complete": False, "seqs_per_shard": per_shard,
                     "has_bos": tokenizer.bos_id is not None, "shards": [],
                     "sources": sources}
+        names = label_names(cfg.corpus)
+        if names is not None:
+            manifest["labels"] = {"names": names, "meaning": "0 = ordinary text, 1.. = planted (the corpus's markup)"}
         atomic_write_json(out / MANIFEST, manifest)
     else:
         if manifest["complete"]:
@@ -304,17 +324,20 @@ def collect_activations(cfg: CollectConfig, out: Path, resume: bool = False, ove
             if not chunk:
                 break
             ids, flat, n_train = _shard_layout(chunk, seq_start, cfg)
-            names = shard_files(index)
+            n_names = len(manifest["labels"]["names"]) if "labels" in manifest else 0
+            names = shard_files(index, labels=bool(n_names))
             record = {"index": index, "seq_start": seq_start, "n_seqs": len(chunk), "n_tokens": int(len(flat)),
                       "n_train": n_train, "norm_sum": {}, "files": {}}
             rows = {src: _forward_rows(loaded.model, hook, ids, flat, cfg.batch_size, device, src.upper(),
                                        seq_start, cfg.dtype) for src, (loaded, hook) in models.items()}
+            labels = _shard_labels(chunk, flat, cfg.ctx, n_names) if n_names else None
             if cfg.max_norm_ratio:
                 drop = _massive_rows(rows, flat, cfg.ctx, cfg.max_norm_ratio)
+                labels = labels[~drop] if labels is not None else None
                 flat, n_train = flat[~drop], n_train - int(drop[:n_train].sum())
                 rows = {src: array[~drop] for src, array in rows.items()}
                 record.update(n_tokens=int(len(flat)), n_train=n_train, n_massive=int(drop.sum()))
-            tensors = {"ids": ids, "pos": flat}
+            tensors = {"ids": ids, "pos": flat, **({"labels": labels} if labels is not None else {})}
             for src, array in rows.items():
                 # Row norms in float32, summed in float64: no shard-sized float64 copy.
                 record["norm_sum"][src] = float(np.linalg.norm(array[:n_train], axis=1).sum(dtype=np.float64))
@@ -400,6 +423,31 @@ class ActivationStore:
     def scale(self, source: str) -> float:
         return float(self.manifest["scale"][source])
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the store carries a per-row answer key (``labels``)."""
+        return "labels" in self.manifest
+
+    @property
+    def label_names(self) -> list[str]:
+        """Label names, index = label value (``[]`` without labels)."""
+        return list(self.manifest["labels"]["names"]) if self.has_labels else []
+
+    def labels(self, split: str = "train") -> np.ndarray:
+        """(n_rows,) int64 label of every row of ``split``, in the order of ``iter_shards(split)`` and
+        ``iter_batches(split=split, shuffle=False)`` (0 = ordinary text, 1.. = planted: ``label_names``)."""
+        if not self.has_labels:
+            raise DiffkitError(f"activation store {self.root} has no per-token labels: collect it from a labelled "
+                               "corpus (e.g. --corpus organism:backdoor)")
+        start, stop = self._split_bounds(split)
+        parts = [np.asarray(self._array(s, "labels")[start[s]:stop[s]], dtype=np.int64) for s in range(self.n_shards)]
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        n = len(self.label_names)
+        if out.size and (int(out.min()) < 0 or int(out.max()) >= n):
+            raise DiffkitError(f"activation store {self.root} has labels outside 0..{n - 1} (its names): the label "
+                               "files are damaged, collect the store again")
+        return out
+
     def n_tokens(self, split: str = "train") -> int:
         _check_split(split)
         return int(self.manifest["n_tokens"][split])
@@ -417,7 +465,7 @@ class ActivationStore:
     def _array(self, shard: int, key: str) -> np.ndarray:
         cached = self._arrays.get((shard, key))
         if cached is None:
-            rel = shard_files(shard)[key]
+            rel = shard_files(shard, labels=True)[key]
             cached = load_npy(self.root, rel, self.manifest["shards"][shard]["files"][rel])
             self._arrays[(shard, key)] = cached
             if len(self._arrays) > MAX_OPEN_MAPS:

@@ -124,7 +124,9 @@ def store() -> None:
 @store.command("info")
 @click.argument("path", type=click.Path(path_type=Path))
 def store_info(path):
-    """Print what a store holds: models, hooks, tokens, shards, scales."""
+    """Print what a store holds: models, hooks, tokens, shards, scales, labels."""
+    import numpy as np
+
     from .activations import ActivationStore
 
     st = ActivationStore.open(path)
@@ -138,6 +140,10 @@ def store_info(path):
     cfg = m["config"]
     click.echo(f"  corpus {cfg['corpus']} (split {cfg['corpus_split']}), ctx {cfg['ctx']}, seed {cfg['seed']}, "
                f"{st.n_shards} shards, {_human_bytes(size)}, dtype {cfg['dtype']}")
+    if st.has_labels:  # the answer key of a planted corpus: rows per label over the whole store
+        counts = np.bincount(st.labels("all"), minlength=len(st.label_names))
+        click.echo("  labels: " + ", ".join(f"{i} {n} {c:,} ({c / max(1, counts.sum()):.2%})"
+                                           for i, (n, c) in enumerate(zip(st.label_names, counts))))
 
 
 @store.command("verify")

@@ -51,10 +51,12 @@ class Document:
 
 @dataclass(frozen=True)
 class Sequence:
-    """One row of token ids; ``ids[:length]`` are real, the rest padding."""
+    """One row of token ids; ``ids[:length]`` are real, the rest padding. ``labels`` (optional, one per
+    id): the corpus's answer key, 0 = ordinary text, 1.. = planted (:mod:`diffkit.organisms`)."""
 
     ids: np.ndarray
     length: int
+    labels: np.ndarray | None = None
 
 
 def _in_heldout(name: str, fraction: float = HELDOUT_FRACTION) -> bool:
@@ -194,6 +196,11 @@ def token_sequences(corpus: str, tokenizer: Tokenizer, ctx: int, split: str = "a
         if not path.exists():
             raise DiffkitError(f"token array {corpus} does not exist: check the path")
         yield from _npy_sequences(path, tokenizer, ctx)
+        return
+    if corpus.startswith("organism:"):  # planted corpora with per-token labels
+        from .organisms import organism_sequences
+
+        yield from organism_sequences(corpus, tokenizer, ctx, split=split, seed=seed)
         return
     if corpus == "mixed":
         streams = [_shuffled(_doc_sequences(documents(name, split), tokenizer, ctx, seed), seed)

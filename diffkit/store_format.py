@@ -7,6 +7,8 @@ Layout of a store directory::
     tokens/shard_00000.pos.npy    int64 (n_tokens,): flat position (row * ctx + pos) of each stored row
     a/shard_00000.npy             (n_tokens, d_a) activations of model A at its hook (raw, unscaled)
     b/shard_00000.npy             (n_tokens, d_b) activations of model B, same token positions
+    labels/shard_00000.npy        optional uint8/int16 (n_tokens,): per-row answer key (0 ordinary, 1.. planted),
+                                  present when manifest["labels"] is ({"names": [...]}: index = label value)
 
 Within a shard the rows of training sequences come first, then those of held-out sequences
 (``n_train`` in the manifest), so a split is a contiguous slice of every shard.
@@ -32,12 +34,25 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SOURCES = ("a", "b")
 INT_DTYPES = ("int32", "int64", "uint16", "uint32", "int16")
+LABEL_DTYPES = ("uint8", "int16")
 
 
-def shard_files(index: int) -> dict[str, str]:
+def shard_files(index: int, labels: bool = False) -> dict[str, str]:
     stem = f"shard_{index:05d}"
-    return {"ids": f"tokens/{stem}.ids.npy", "pos": f"tokens/{stem}.pos.npy",
-            "a": f"a/{stem}.npy", "b": f"b/{stem}.npy"}
+    names = {"ids": f"tokens/{stem}.ids.npy", "pos": f"tokens/{stem}.pos.npy",
+             "a": f"a/{stem}.npy", "b": f"b/{stem}.npy"}
+    return {**names, "labels": f"labels/{stem}.npy"} if labels else names
+
+
+def validate_labels(manifest: dict) -> int:
+    """The optional ``labels`` entry: a list of >= 1 distinct string names; returns how many. 0: no labels."""
+    if "labels" not in manifest:
+        return 0
+    names = manifest["labels"]["names"] if isinstance(manifest["labels"], dict) else None
+    if not isinstance(names, list) or not names or len(names) > 2**15 or len(set(map(str, names))) != len(names) \
+            or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"labels.names = {repr(names)[:60]} (expected a list of distinct strings)")
+    return len(names)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -181,6 +196,7 @@ def validate_manifest(manifest: dict) -> None:
     for src in SOURCES:
         if not isinstance(sources[src]["hook"], str):
             raise ValueError(f"sources.{src}.hook = {repr(sources[src]['hook'])[:40]} (expected a string)")
+    n_labels = validate_labels(manifest)
     seq_start, totals = 0, {"train": 0, "all": 0}
     for i, shard in enumerate(shards):
         where = f"shards[{i}]"
@@ -196,12 +212,14 @@ def validate_manifest(manifest: dict) -> None:
         totals["all"] += n_tok
         expect = {"ids": ([n_seqs, ctx], "int"), "pos": ([n_tok], "int"), "a": ([n_tok, d["a"]], dtype),
                   "b": ([n_tok, d["b"]], dtype)}  # "int": any integer dtype (collect writes int32 / int64)
-        names = shard_files(i)
+        if n_labels:
+            expect["labels"] = ([n_tok], "label")
+        names = shard_files(i, labels=bool(n_labels))
         if not isinstance(shard["files"], dict) or set(shard["files"]) != set(names.values()):
             raise ValueError(f"{where}.files (expected exactly {sorted(names.values())})")
         for key, (shape, dt) in expect.items():
             rec = shard["files"][names[key]]
-            dt_ok = rec["dtype"] in INT_DTYPES if dt == "int" else rec["dtype"] == dt
+            dt_ok = rec["dtype"] in {"int": INT_DTYPES, "label": LABEL_DTYPES}.get(dt, (dt,))
             if rec["shape"] != shape or not dt_ok or not isinstance(rec["sha256"], str):
                 raise ValueError(f"{where}.files[{names[key]}] (shape {repr(rec['shape'])[:30]} dtype "
                                  f"{repr(rec['dtype'])[:20]}, expected {shape} {dt})")
