@@ -110,8 +110,8 @@ class Divergence:
     """The streamed statistics of the module docstring (``update`` per batch, then :meth:`finish`).
 
     ``W_dec_a`` / ``W_dec_b``: decoder rows of each SAE (None: no feature scores on that side).
-    ``labels``: optional per-row ints of the split (planted tokens > 0): per-feature activation mass
-    on labelled tokens is summed in the same pass, for scoring against an answer key.
+    ``labels``: optional per-row ints of the split (0 = ordinary, 1.. = planted parts): per-feature
+    activation mass on each label is summed in the same pass, for scoring against an answer key.
     """
 
     def __init__(self, lmap: Any, n_tokens: int, positions: np.ndarray | None = None, n_ctx: int = 0,
@@ -136,15 +136,16 @@ class Divergence:
         self.delta_pos = torch.zeros(self.n_ctx, d_b, dtype=torch.float64)
         self.count_pos = torch.zeros(self.n_ctx, dtype=torch.float64)
         self.err_pos = torch.zeros(self.n_ctx, dtype=torch.float64)
-        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels) > 0)
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        self.n_labels = 0 if labels is None or not len(labels) else int(self.labels.max()) + 1
         self.dec = {"a": None if W_dec_a is None else torch.as_tensor(W_dec_a).double(),
                     "b": None if W_dec_b is None else torch.as_tensor(W_dec_b).double()}
         self.feat = {}
         for s, dec in self.dec.items():
             if dec is not None:
                 z = lambda: torch.zeros(len(dec), dtype=torch.float64)  # noqa: E731
-                self.feat[s] = {"mass": z(), "mass_err": z(), "fires": z(), "fire_err": z(), "along": z(),
-                                "mass_labelled": z()}
+                self.feat[s] = {"mass": z(), "mass_err": z(), "fires": z(), "fire_err": z(), "along": z()}
+                self.feat[s]["mass_by_label"] = torch.zeros(max(self.n_labels, 1), len(dec), dtype=torch.float64)
         self.row0 = 0
 
     def update(self, xa: Any, xb: Any, fa: Any = None, fb: Any = None) -> None:
@@ -187,8 +188,8 @@ class Divergence:
             acc["fire_err"] += e[s] @ on
             unit = self.dec[s] / self.dec[s].norm(dim=1, keepdim=True).clamp(min=1e-12)
             acc["along"] += ((delta @ unit.T) * f).sum(0)
-            if lab is not None and bool(lab.any()):
-                acc["mass_labelled"] += f[lab].sum(0)
+            if lab is not None:
+                acc["mass_by_label"].index_add_(0, lab, f)
         self.row0 = r1
 
     def finish(self) -> "DivergenceResult":
@@ -255,7 +256,8 @@ def feature_scores(acc: dict, mean_err: float, n: int, mean_delta: np.ndarray, d
     cos = unit @ mean_delta / dn if dn > 0 else np.zeros(len(dec))
     return pd.DataFrame({"feature": np.arange(len(dec)), "freq": fires / max(1, n), "mean_act": mass / max(1, n),
                          "map_err": shrunk, "map_err_raw": raw, "map_err_fire": fire, "diff_cos": cos,
-                         "diff_along": along, "mass": mass, "mass_labelled": acc["mass_labelled"]})
+                         "diff_along": along, "mass": mass,
+                         **{f"mass_label{lab}": m for lab, m in enumerate(acc["mass_by_label"]) if lab > 0}})
 
 
 @dataclass

@@ -121,7 +121,7 @@ def test_labels_give_each_feature_its_planted_mass(planted):
     for xa, xb in store.iter_batches(4096, split="all", shuffle=False, drop_last=False, normalized=False):
         acc.update(xa, xb, None, planted["sae_b"].encode(xb, 1.0))
     fb = acc.finish().features["b"]
-    share = fb.mass_labelled / fb.mass.where(fb.mass > 0)
+    share = fb.mass_label1 / fb.mass.where(fb.mass > 0)
     assert share[planted["planted_feature"]] > 0.3 > N_PLANTED / n * 20
     assert share.drop(index=planted["planted_feature"]).max() < share[planted["planted_feature"]]
 

@@ -3,16 +3,26 @@
 import numpy as np
 import pytest
 
-from diffkit.bench.organisms_score import (first_planted_rank, listed_scores, method_scores, planted_items,
-                                           precision_at_k, safe_auroc)
+from diffkit.bench.organisms_score import (first_planted_rank, listed_scores, method_scores, planted_by_label,
+                                           planted_items, precision_at_k, safe_auroc, share_threshold)
 
 
 def test_planted_items_use_the_share_of_mass_against_the_base_rate():
     mass = np.array([10.0, 10.0, 10.0, 0.0, 4.0])
     on_planted = np.array([5.0, 0.4, 0.6, 0.0, 4.0])
-    # base rate 0.3%: 20x = 6% of the mass; items 0 (50%), 2 (6%), 4 (100%) qualify, 1 (4%) and the dead 3 do not
+    # base rate 0.3%: 20x in odds = 5.7% of the mass; items 0 (50%), 2 (6%), 4 (100%) qualify, 1 (4%) and the dead 3 not
     assert planted_items(mass, on_planted, 0.003).tolist() == [True, False, True, False, True]
     assert planted_items(mass, on_planted, 0.003, factor=50).tolist() == [True, False, False, False, True]
+    assert share_threshold(0.001) == pytest.approx(0.02, rel=0.02)  # rare label: the plain 20x
+    assert share_threshold(0.5) == pytest.approx(20 / 21)  # half the store: odds 20:1, still below 1
+
+
+def test_planted_by_label_takes_each_part_of_the_behaviour_against_its_own_rate():
+    labels = np.r_[np.zeros(960, int), np.ones(20, int), np.full(20, 2)]  # two parts, 2% each
+    mass = np.array([10.0, 10.0, 10.0])
+    by_label = {1: np.array([4.0, 0.0, 2.0]), 2: np.array([0.0, 4.0, 2.0])}
+    # threshold 20x of 2% in odds: 29%; items 0 and 1 hold 40% on one part; item 2 holds 20% on each, 40% on the union
+    assert planted_by_label(mass, by_label, labels).tolist() == [True, True, False]
 
 
 def test_precision_and_first_rank_on_a_known_order():

@@ -3,10 +3,14 @@
 Formulas (the report repeats them):
 
 - **Planted item.** A feature or crosscoder latent i with activation mass ``m_i = Σ_t f_i,t`` over
-  the store's tokens and ``m_i^P = Σ_{t planted} f_i,t`` on its planted tokens (label > 0) is
-  *planted* when its share ``m_i^P / m_i ≥ factor · ρ``, ``ρ = #planted tokens / #tokens`` (the
-  planted tokens' share of the store); ``factor`` = 20 by default, 10 and 50 shown too. An item
-  that never fires is not planted.
+  the store's tokens and ``m_i^l = Σ_{t: label l} f_i,t`` on the tokens of planted label l (each
+  part of the behaviour: trigger, response; name, relation, place; ...) is *planted* when for some
+  l its share ``s = m_i^l / m_i`` is at least ``factor`` times the label's share ρ_l of the store's
+  tokens, in odds: ``s / (1 − s) ≥ factor · ρ_l / (1 − ρ_l)``, i.e. ``s ≥ factor ρ_l / (1 + (factor − 1) ρ_l)``.
+  For a rare label this is the plain ``s ≥ factor · ρ_l`` (backdoor: within 1%); the odds form
+  keeps it satisfiable where ``factor · ρ_l`` would exceed 1 (code rows are half the code
+  organism's store). ``factor`` = 20 by default, 10 and 50 shown too. An item that never fires is
+  not planted.
 - **A method's list** is its ranked "B has it, A does not / changed" list, given as one score per
   item (higher first). Items a method does not list (e.g. matched features for align's unmatched
   list) get −∞: they tie at the bottom. NaN scores count as −∞.
@@ -34,13 +38,30 @@ FACTORS = (10.0, 20.0, 50.0)
 DEFAULT_FACTOR = 20.0
 
 
+def share_threshold(base_rate: float, factor: float = DEFAULT_FACTOR) -> float:
+    """The share of mass a planted item needs on a label of share ``base_rate``: odds ``factor`` times the label's."""
+    return factor * base_rate / (1.0 + (factor - 1.0) * base_rate)
+
+
 def planted_items(mass: np.ndarray, mass_planted: np.ndarray, base_rate: float, factor: float = DEFAULT_FACTOR) -> np.ndarray:
-    """Boolean per item: share of activation mass on planted tokens ≥ ``factor`` × ``base_rate`` (module docstring)."""
+    """Boolean per item: share of activation mass on one planted label ≥ :func:`share_threshold` (module docstring)."""
     mass = np.asarray(mass, np.float64)
     mass_planted = np.asarray(mass_planted, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(mass > 0, mass_planted / np.where(mass > 0, mass, 1.0), 0.0)
-    return (mass > 0) & (share >= factor * base_rate)
+    return (mass > 0) & (share >= share_threshold(base_rate, factor))
+
+
+def planted_by_label(mass: np.ndarray, mass_by_label: dict[int, np.ndarray], labels: np.ndarray,
+                     factor: float = DEFAULT_FACTOR) -> np.ndarray:
+    """Planted for any label l > 0 of the token ``labels`` (``mass_by_label[l]``: each item's mass on label l)."""
+    labels = np.asarray(labels)
+    out = np.zeros(len(mass), bool)
+    for lab, m in mass_by_label.items():
+        rate = float((labels == lab).mean()) if len(labels) else 0.0
+        if lab > 0 and rate > 0:
+            out |= planted_items(mass, m, rate, factor)
+    return out
 
 
 def _clean(scores: np.ndarray) -> np.ndarray:
