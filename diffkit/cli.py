@@ -570,6 +570,29 @@ def bench_groundtruth(out, work, quick, threads, seed, progress):
     click.echo(f"{result.seconds:.0f} s; report written to {path}")
 
 
+@bench.command("organisms")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/organisms"), show_default=True,
+              help="Report directory: report.md, figures/, tables/, summary.json, config.json.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/organisms"), show_default=True,
+              help="Stores and crosscoders (uncommitted); a rerun reuses complete stores.")
+@click.option("--cases", default="", help="Comma-separated cases [default: all: backdoor, facts, code, cot, null, "
+              "null_facts, sae_seed].")
+@click.option("--quick", is_flag=True, help="Small stores and crosscoders: a check that it runs.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
+def bench_organisms(out, work, cases, quick, threads):
+    """Every method on the model organisms, scored against their token-level answer key: precision@10/@50,
+    first planted rank, AUROC, token AUROC, with the null and SAE-seed controls (~15 min on 2 cores)."""
+    from .bench.organisms import CASES, OrganismsConfig, run_organisms
+    from .bench.organisms_report import format_organisms_summary, write_organisms_report
+
+    names = tuple(c.strip() for c in cases.split(",") if c.strip()) or tuple(CASES)
+    cfg = (OrganismsConfig.quick_config if quick else OrganismsConfig)(threads=threads, cases=names)
+    result = run_organisms(cfg, out, work, log=lambda m: click.echo(m, err=True))
+    path, summary = write_organisms_report(result, out)
+    click.echo(format_organisms_summary(summary))
+    click.echo(f"{result['seconds']:.0f} s; report written to {path}")
+
+
 @bench.command("gpu")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/benchmarks/gpu.md"), show_default=True,
               help="Markdown report; the figures go beside it as .json.")

@@ -157,6 +157,13 @@ class FeatureDiff:
     contexts: dict  # ("a"|"b", feature) -> list of (text, marked token offset)
 
 
+# The difference score of a shared pair under each rank-by (map-error: added by diffkit.divergence's columns).
+SHARED_SCORES: dict[str, Callable[[Any], Any]] = {
+    "act-mass": lambda t: t.act_mass_log_ratio.abs(), "enc-norm": lambda t: t.enc_norm_diff.abs(),
+    "enc-norm-robust": lambda t: t.enc_norm_diff_robust.abs(), "freq": lambda t: t.freq_log_ratio.abs(),
+    "mean-act": lambda t: t.mean_act_log_ratio.abs(), "corr": lambda t: 1.0 - t.pair_corr}
+
+
 def decoder_norms(sae: Any) -> np.ndarray:
     return sae.W_dec.norm(dim=1).double().numpy()
 
@@ -273,9 +280,7 @@ def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndar
     mass_ratio = np.asarray(log_ratio(mass_a[ia], mass_b[ib], eps_mass), dtype=np.float64)
     shared["act_mass_log_ratio"] = mass_ratio - (np.median(mass_ratio) if len(mass_ratio) else 0.0)
     shared["pair_corr"] = pair_corr[matched]
-    shared["score"] = {"act-mass": shared.act_mass_log_ratio.abs(), "enc-norm": shared.enc_norm_diff.abs(), "enc-norm-robust": shared.enc_norm_diff_robust.abs(),
-                       "freq": shared.freq_log_ratio.abs(), "mean-act": shared.mean_act_log_ratio.abs(),
-                       "corr": 1.0 - shared.pair_corr}[rank_by]
+    shared["score"] = SHARED_SCORES[rank_by](shared)
     partner_a = {int(a): (int(b), float(s), float(c)) for a, b, s, c in
                  zip(asg.pair_a, asg.pair_b, asg.similarity, cosines)}
     partner_b = {b: (a, s, c) for a, (b, s, c) in partner_a.items()}
