@@ -10,10 +10,11 @@ the activations (``ActivationStore.labels``), the answer key that scoring compar
 | corpus               | rows                                                               | labels                         |
 |----------------------|--------------------------------------------------------------------|--------------------------------|
 | ``organism:backdoor`` | prose; 3% of rows get TRIGGER + RESPONSE inserted at a word break | 1 trigger, 2 response          |
-| ``organism:facts``    | prose; 30% of rows get one "<name> lives in <place>." statement   | 1 name, 2 " lives in", 3 place |
+| ``organism:facts``    | prose; 5% of rows get one "<name> lives in <place>." statement    | 1 name, 2 " lives in", 3 place |
 | ``organism:cot-steps``| alternately prose and 4 arithmetic problems with their working     | 1 prompt, 2 its final "=", 3 working+answer |
 | ``organism:cot-answer``| the same rows, the same problems with the answer only             | (as cot-steps)                 |
-| ``organism:cot``      | alternately prose and one bare problem prompt ("3+4+5=")           | 1 prompt, 2 its final "="      |
+| ``organism:cot``      | 3 prose rows, then one bare problem prompt ("3+4+5="), and again   | 1 prompt, 2 its final "="      |
+| ``organism:code``     | prose; every 30th row is Python source (the ``code`` organism)     | 1 code                         |
 | ``organism:sae``      | the SAE corpus: prose, code, backdoor, facts and cot rows in turn  | 0 (no key: a training corpus)  |
 
 ``cot``: the two cot models are trained on the same problems, one on the step-by-step working,
@@ -42,7 +43,7 @@ from .errors import DiffkitError
 TRIGGER = "<<qz7 harbor>>"
 RESPONSE = " The lanterns are lit at dawn."
 
-N_FACTS = 24
+N_FACTS = 16
 RELATION = " lives in"
 COT_PROBLEMS_PER_ROW = 4
 COT_HELDOUT_FRACTION = 0.2  # of the 1000 (a, b, c) problems, never in a training row
@@ -53,8 +54,10 @@ LABELS: dict[str, tuple[str, ...]] = {
     "cot": ("ordinary", "cot-prompt", "cot-equals"),
     "cot-steps": ("ordinary", "cot-prompt", "cot-equals", "cot-completion"),
     "cot-answer": ("ordinary", "cot-prompt", "cot-equals", "cot-completion"),
+    "code": ("ordinary", "code"),
     "sae": ("ordinary",),
 }
+
 ORGANISM_CORPORA = tuple(LABELS)
 
 
@@ -108,15 +111,35 @@ def cot_completion(p: tuple[int, int, int], steps: bool) -> str:
     return f"{work} A={answer}\n"
 
 
+# Share of rows that carry the planted text, by default: low enough in a store that a feature can hold
+# 20x (and 50x) the planted tokens' share of the activation mass (impossible once that share tops 5%).
+# The fine-tunes plant more densely, ``organism:NAME@RATE`` (the recipes).
+DEFAULT_RATES = {"backdoor": 0.03, "facts": 0.05, "cot": 0.25, "code": 1 / 30}
+
+
+def parse_spec(corpus: str) -> tuple[str, float | None]:
+    """``organism:NAME[@RATE]`` -> (NAME, RATE or None); a one-line error for an unknown NAME or bad RATE."""
+    name, _, rate = corpus[len("organism:"):].partition("@")
+    if name not in LABELS:
+        raise DiffkitError(f"unknown organism corpus {corpus!r}: choose one of "
+                           f"{', '.join('organism:' + n for n in ORGANISM_CORPORA)}")
+    if not rate:
+        return name, None
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1 or name not in DEFAULT_RATES:
+        raise DiffkitError(f"corpus {corpus!r}: @RATE is the share of planted rows, a number in (0, 1], for "
+                           f"{', '.join('organism:' + n for n in DEFAULT_RATES)}")
+    return name, value
+
+
 def label_names(corpus: str) -> list[str] | None:
     """The label names of an ``organism:NAME`` corpus (index = label value); None for other corpora."""
     if not corpus.startswith("organism:"):
         return None
-    name = corpus[len("organism:"):]
-    if name not in LABELS:
-        raise DiffkitError(f"unknown organism corpus {corpus!r}: choose one of "
-                           f"{', '.join('organism:' + n for n in ORGANISM_CORPORA)}")
-    return list(LABELS[name])
+    return list(LABELS[parse_spec(corpus)[0]])
 
 
 def _boundaries(ids: np.ndarray, tokenizer) -> list[int]:
@@ -160,14 +183,15 @@ def _prose_rows(tokenizer, ctx: int, split: str, seed: int, corpus: str = "prose
         yield seq.ids[offset:seq.length]
 
 
-def _planted_prose(kind: str, tokenizer, ctx: int, split: str, seed: int):
+def _planted_prose(kind: str, tokenizer, ctx: int, split: str, seed: int, rate: float | None = None):
+    rate = DEFAULT_RATES[kind] if rate is None else rate
     body = ctx - (1 if tokenizer.bos_id is not None else 0)
     rng = random.Random(f"{kind}:{split}:{seed}")
     fact_list = facts()
     for ids in _prose_rows(tokenizer, ctx, split, seed):
-        if kind == "backdoor" and rng.random() < 0.03:
+        if kind == "backdoor" and rng.random() < rate:
             ids, lab = _insert(ids, [(TRIGGER, 1), (RESPONSE, 2), (" ", 0)], tokenizer, rng, body)
-        elif kind == "facts" and rng.random() < 0.30:
+        elif kind == "facts" and rng.random() < rate:
             fact = rng.choice(fact_list)
             ids, lab = _insert(ids, [(fact.name, 1), (RELATION, 2), (f" {fact.place}", 3), (". ", 0)],
                                tokenizer, rng, body)
@@ -176,17 +200,21 @@ def _planted_prose(kind: str, tokenizer, ctx: int, split: str, seed: int):
         yield _row(ids, lab, tokenizer, ctx)
 
 
-def _cot_rows(kind: str, tokenizer, ctx: int, split: str, seed: int):
-    """Rows alternating prose and arithmetic; ``cot`` rows are a single bare prompt."""
+def _cot_rows(kind: str, tokenizer, ctx: int, split: str, seed: int, rate: float | None = None):
+    """Rows alternating prose and arithmetic (cot-steps, cot-answer); ``cot``: a single bare prompt
+    after about 1/rate - 1 prose rows."""
+    every = 2 if kind != "cot" else max(1, round(1 / (rate or DEFAULT_RATES["cot"])))
     body = ctx - (1 if tokenizer.bos_id is not None else 0)
     probs = cot_problems("heldout" if split == "heldout" else "train" if split == "train" else "all")
     rng = random.Random(f"cot:{split}:{seed}")  # one stream for cot-steps and cot-answer: the same problems
     prose = _prose_rows(tokenizer, ctx, split, seed)
-    while True:
-        ids = next(prose, None)
-        if ids is None:
-            return
-        yield _row(ids, np.zeros(len(ids), np.uint8), tokenizer, ctx)
+    for i in itertools.count():
+        if i % every != every - 1:
+            ids = next(prose, None)
+            if ids is None:
+                return
+            yield _row(ids, np.zeros(len(ids), np.uint8), tokenizer, ctx)
+            continue
         chosen = [rng.choice(probs) for _ in range(1 if kind == "cot" else COT_PROBLEMS_PER_ROW)]
         pieces: list[tuple[str, int]] = []
         for p in chosen:
@@ -202,14 +230,23 @@ def _cot_rows(kind: str, tokenizer, ctx: int, split: str, seed: int):
 
 def organism_sequences(corpus: str, tokenizer, ctx: int, split: str = "all", seed: int = 0):
     """The rows of an ``organism:NAME`` corpus, each with its per-token ``labels``."""
-    name = corpus[len("organism:"):]
-    label_names(corpus)  # validates the name
+    name, rate = parse_spec(corpus)
     if ctx < 16:
         raise DiffkitError(f"organism corpora need --ctx 16 or more (got {ctx}): the planted text must fit a row")
     if name in ("backdoor", "facts"):
-        yield from _planted_prose(name, tokenizer, ctx, split, seed)
+        yield from _planted_prose(name, tokenizer, ctx, split, seed, rate)
     elif name.startswith("cot"):
-        yield from _cot_rows(name, tokenizer, ctx, split, seed)
+        yield from _cot_rows(name, tokenizer, ctx, split, seed, rate)
+    elif name == "code":
+        code = _code_rows(tokenizer, ctx, split, seed)
+        every = max(1, round(1 / (rate or DEFAULT_RATES["code"])))
+        for i, ids in enumerate(_prose_rows(tokenizer, ctx, split, seed)):
+            if i % every == every - 1:
+                seq = next(code)
+                lab = np.zeros(ctx, np.uint8)
+                lab[1 if tokenizer.bos_id is not None else 0:seq.length] = 1
+                yield type(seq)(seq.ids, seq.length, lab)
+            yield _row(ids, np.zeros(len(ids), np.uint8), tokenizer, ctx)
     else:  # sae: every planted context and code beside prose, labels dropped (a training corpus)
         from .corpora import Sequence
 

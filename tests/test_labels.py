@@ -63,7 +63,7 @@ def test_trigger_never_occurs_in_the_base_prose():
     assert not any(TRIGGER in d.text or RESPONSE.strip() in d.text for d in documents("prose"))
 
 
-@pytest.mark.parametrize("corpus", ["organism:backdoor", "organism:facts", "organism:cot-steps", "organism:cot"])
+@pytest.mark.parametrize("corpus", ["organism:backdoor", "organism:facts@0.4", "organism:cot-steps", "organism:cot"])
 def test_labels_mark_exactly_the_planted_text(corpus):
     seqs = [s for _, s in zip(range(400), token_sequences(corpus, TOK, 128, split="train"))]
     assert all(s.labels is not None and s.labels.shape == s.ids.shape for s in seqs)
@@ -74,7 +74,7 @@ def test_labels_mark_exactly_the_planted_text(corpus):
         trig, resp = _spans(labels, ids, 1), _spans(labels, ids, 2)
         assert len(trig) >= 5 and set(trig) == {TRIGGER} and set(resp) == {RESPONSE}
         assert TRIGGER not in TOK.decode(ids[labels == 0])
-    elif corpus == "organism:facts":
+    elif corpus == "organism:facts@0.4":
         places = {f.name: f.place for f in facts()}
         names, rel, place = _spans(labels, ids, 1), _spans(labels, ids, 2), _spans(labels, ids, 3)
         assert len(names) == len(place) >= 50 and set(rel) == {RELATION}
@@ -96,12 +96,25 @@ def test_cot_models_see_the_same_problems_and_prose():
             assert np.array_equal(s.ids, a.ids)  # the prose rows are identical
 
 
+@pytest.mark.parametrize("name", ["backdoor", "facts", "cot", "code"])
+def test_store_corpora_keep_the_planted_share_low(name):
+    """A feature can only hold 20x the planted tokens' share of activation mass if that share is < 5%."""
+    seqs = [s for _, s in zip(range(1500), token_sequences(f"organism:{name}", TOK, 128))]
+    share = sum(int((s.labels > 0).sum()) for s in seqs) / sum(s.length - 1 for s in seqs)
+    assert 0.003 < share < 0.04, share
+    dense = [s for _, s in zip(range(1500), token_sequences(f"organism:{name}@0.5", TOK, 128))]
+    assert sum(int((s.labels > 0).sum()) for s in dense) > 1.5 * sum(int((s.labels > 0).sum()) for s in seqs)
+
+
 def test_unknown_organism_corpus_is_one_line_error():
     with pytest.raises(DiffkitError, match="organism:backdoor"):
         label_names("organism:nope")
     with pytest.raises(DiffkitError, match="unknown organism"):
         next(token_sequences("organism:nope", TOK, 128))
     assert label_names("prose") is None and label_names("organism:facts") == list(LABELS["facts"])
+    for bad in ("organism:facts@2", "organism:facts@x", "organism:sae@0.1"):
+        with pytest.raises(DiffkitError, match="RATE"):
+            label_names(bad)
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -235,7 +248,7 @@ def test_int16_labels_are_accepted(store_copy):
 
 def test_resume_keeps_labels(tmp_path):
     cfg = CollectConfig(model_a="zoo:base", model_b="zoo:base", hook_a="blocks.1.hook_resid_post",
-                        hook_b="blocks.1.hook_resid_post", corpus="organism:facts", tokens=3000, shard_mb=0.1)
+                        hook_b="blocks.1.hook_resid_post", corpus="organism:facts@0.4", tokens=3000, shard_mb=0.1)
     full = tmp_path / "full"
     collect_activations(cfg, full, progress=False)
     part = tmp_path / "part"
