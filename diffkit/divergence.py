@@ -311,22 +311,33 @@ def run_divergence(store: Any, lmap: Any, cfg: DivergenceConfig = DivergenceConf
     res = acc.finish()
     res.notes = notes
     if model_b is not None:
-        res.promoted = promotions(res, model_b, cfg)
+        res.promoted = promotions(res, model_b, cfg, store_vocab(store))
     return res
 
 
-def promotions(res: DivergenceResult, model_b: Any, cfg: DivergenceConfig) -> dict:
+def store_vocab(store: Any, min_share: float = 1e-4) -> np.ndarray:
+    """The token ids that make up at least ``min_share`` of the store's sequences: the unembedding is read only
+    over these (a token the models rarely or never saw has an untrained, arbitrary unembedding column)."""
+    counts = np.zeros(0, np.int64)
+    for s in range(store.n_shards):
+        c = np.bincount(np.asarray(store._array(s, "ids")).ravel().astype(np.int64))
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[:len(c)] += c
+    return np.flatnonzero(counts >= max(1.0, min_share * counts.sum()))
+
+
+def promotions(res: DivergenceResult, model_b: Any, cfg: DivergenceConfig, vocab: np.ndarray | None = None) -> dict:
     """Tokens the mean difference promotes / suppresses through B's unembedding: overall and at the first positions."""
-    out = {"overall": promoted_tokens(model_b, res.mean_delta["b"], cfg.top_promoted)}
+    out = {"overall": promoted_tokens(model_b, res.mean_delta["b"], cfg.top_promoted, vocab)}
     for p in range(min(cfg.positions, len(res.count_by_pos))):
         if res.count_by_pos[p] > 0:
-            out[f"position {p}"] = promoted_tokens(model_b, res.mean_delta_by_pos[p], cfg.top_promoted)
+            out[f"position {p}"] = promoted_tokens(model_b, res.mean_delta_by_pos[p], cfg.top_promoted, vocab)
     return out
 
 
-def promoted_tokens(model: Any, delta: np.ndarray, k: int = 20) -> dict:
+def promoted_tokens(model: Any, delta: np.ndarray, k: int = 20, vocab: np.ndarray | None = None) -> dict:
     """The logit lens of a difference vector: ``δ`` through B's final norm's gain (centred first for LayerNorm,
-    no bias: a direction, not a point) and ``W_U``; the ``k`` tokens it raises most and least."""
+    no bias: a direction, not a point) and ``W_U``; the ``k`` tokens it raises most and least (among ``vocab``)."""
     import torch
 
     tl = model.model
@@ -340,12 +351,19 @@ def promoted_tokens(model: Any, delta: np.ndarray, k: int = 20) -> dict:
     if w is not None:
         d = d * w.detach().double()
     logits = d @ tl.W_U.detach().double()
-    logits = logits - logits.mean()
-    k = min(k, len(logits))
+    special = {getattr(model.tokenizer, "bos_id", None), getattr(model.tokenizer, "pad_id", None)} - {None}
+    if vocab is not None and len(vocab):
+        keep = torch.full_like(logits, float("nan"))
+        idx = torch.as_tensor([int(v) for v in np.asarray(vocab) if int(v) not in special], dtype=torch.int64)
+        keep[idx] = logits[idx]
+        logits = keep
+    logits = logits - logits.nanmean()
+    k = min(k, int((~logits.isnan()).sum()))
     dec = model.tokenizer.decode
     pick = lambda idx: [{"token": dec(np.array([int(i)])), "id": int(i), "logit": float(logits[i])}  # noqa: E731
                         for i in idx.tolist()]
-    return {"up": pick(logits.topk(k).indices), "down": pick((-logits).topk(k).indices)}
+    low = torch.finfo(torch.float64).min
+    return {"up": pick(logits.nan_to_num(low).topk(k).indices), "down": pick((-logits).nan_to_num(low).topk(k).indices)}
 
 
 # -- the artifact ------------------------------------------------------------------------------------------

@@ -175,3 +175,5 @@ def test_promoted_tokens_read_a_direction_through_the_unembedding(tmp_path):
     out = promoted_tokens(model, W_U[:, j] * 5.0, k=5)
     assert out["up"][0]["id"] == j and out["up"][0]["token"] == "q"
     assert out["down"][0]["id"] != j
+    only = promoted_tokens(model, W_U[:, j] * 5.0, k=3, vocab=np.array([j + 1, j + 2, j + 3, j + 4]))
+    assert {t["id"] for t in only["up"]} <= {j + 1, j + 2, j + 3, j + 4}  # outside the store's vocabulary: never listed

@@ -201,7 +201,8 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
     from baselines.crosscoder.train import TrainConfig, train
 
     from ..diff import SHARED_SCORES, AlignConfig, align, store_tokenizer
-    from ..divergence import Divergence, DivergenceConfig, promotions, split_positions, worst_tokens_frame
+    from ..divergence import (Divergence, DivergenceConfig, promotions, split_positions, store_vocab,
+                              worst_tokens_frame)
     from ..linear_map import LinearMap
     from ..saes import load_sae
 
@@ -284,7 +285,8 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
         from ..models import load_model
 
         with _quiet():
-            promoted = promotions(res, load_model(case.model_b), DivergenceConfig(top_promoted=10, positions=3))
+            promoted = promotions(res, load_model(case.model_b), DivergenceConfig(top_promoted=10, positions=3),
+                                  store_vocab(store))
     except DiffkitError as exc:
         promoted = {"note": str(exc)}
     rel = res.token_error["b"] / (res.mean_error["b"] or 1.0)
