@@ -579,14 +579,16 @@ def bench_groundtruth(out, work, quick, threads, seed, progress):
               "null_facts, sae_seed].")
 @click.option("--quick", is_flag=True, help="Small stores and crosscoders: a check that it runs.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
-def bench_organisms(out, work, cases, quick, threads):
+@click.option("--hook", default="blocks.1.hook_resid_post", show_default=True,
+              help="Hook of both models (blocks.0.hook_resid_post: the zoo's blocks.0 SAEs instead).")
+def bench_organisms(out, work, cases, quick, threads, hook):
     """Every method on the model organisms, scored against their token-level answer key: precision@10/@50,
     first planted rank, AUROC, token AUROC, with the null and SAE-seed controls (~15 min on 2 cores)."""
     from .bench.organisms import CASES, OrganismsConfig, run_organisms
     from .bench.organisms_report import format_organisms_summary, write_organisms_report
 
     names = tuple(c.strip() for c in cases.split(",") if c.strip()) or tuple(CASES)
-    cfg = (OrganismsConfig.quick_config if quick else OrganismsConfig)(threads=threads, cases=names)
+    cfg = (OrganismsConfig.quick_config if quick else OrganismsConfig)(threads=threads, cases=names, hook=hook)
     result = run_organisms(cfg, out, work, log=lambda m: click.echo(m, err=True))
     path, summary = write_organisms_report(result, out)
     click.echo(format_organisms_summary(summary))

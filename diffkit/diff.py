@@ -519,7 +519,7 @@ def format_summary(diff: FeatureDiff, top: int = 5) -> str:
         lines.append(f"note: {note}")
     for side, name in (("a", "A"), ("b", "B")):
         only = t[t.kind == f"{side}_only"].head(top)
-        lines.append(f"top {name}-only features (by activation mass):")
+        lines.append(f"top {name}-only features (by {'map error' if diff.config.rank_by == 'map-error' else 'activation mass'}):")
         for _, r in only.iterrows():
             i = int(r[f"feature_{side}"])
             lines.append(f"  {name}#{i:<6} freq {r[f'freq_{side}']:.4f} mean act {r[f'mean_act_{side}']:.4f} "

@@ -220,7 +220,7 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
     t = time.perf_counter()
     with _quiet():
         lmap = LinearMap().fit(store)
-        sae_a, sae_b = load_sae(case.sae_a), load_sae(case.sae_b)
+        sae_a, sae_b = (load_sae(_at_hook(spec, cfg.hook)) for spec in (case.sae_a, case.sae_b))
         div = Divergence(lmap, n, split_positions(store, "all"), int(store.config.ctx), sae_a.W_dec, sae_b.W_dec,
                          labels=labels)
         diff = align(store, sae_a, sae_b, lmap, AlignConfig(n_contexts=0), extra=[div])
@@ -303,6 +303,13 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
                       seconds=seconds)
 
 
+def _at_hook(spec: str, hook: str) -> str:
+    """A case's zoo SAE spec at ``hook``: the cases name the last block's SAEs; blocks.0 ones drop the suffix."""
+    if spec.startswith("zoo:") and spec.endswith("/blocks.1") and hook == "blocks.0.hook_resid_post":
+        return spec.removesuffix("/blocks.1")
+    return spec
+
+
 def _feature_context(store: Any, tok: Any, sae: Any, res: Any, feature: int) -> str:
     """The worst-mapped of the top rows where ``feature`` fires (from the kept worst tokens), else ''."""
     import torch
@@ -355,4 +362,6 @@ def command_line(cfg: OrganismsConfig) -> str:
     extra = " --quick" if cfg.quick else ""
     if tuple(cfg.cases) != tuple(CASES):
         extra += f" --cases {','.join(cfg.cases)}"
+    if cfg.hook != LAST_HOOK:
+        extra += f" --hook {cfg.hook}"
     return COMMAND + extra
