@@ -16,10 +16,11 @@ Feature score (B's SAE features with e_B, A's with e_A; f_i,t ≥ 0 the feature'
     map_err_i = (Σ_t f_i,t e(t) + c ē) / (Σ_t f_i,t + c) / ē,    c = PRIOR_FIRINGS · median_i(Σ_t f_i,t / #{t: f_i,t > 0})
 
 the activation-weighted mean error where the feature fires, over the overall mean (1 = no more
-error than anywhere), shrunk toward 1 by a prior worth ``PRIOR_FIRINGS`` typical firings, so that a
-feature firing once on one badly-mapped token does not outrank one that fires on hundreds. The
-table also has the unshrunk ratio (``map_err_raw``) and the mean error on firing tokens over ē
-(``map_err_fire``).
+error than anywhere), shrunk toward 1 by a prior worth ``PRIOR_FIRINGS`` (3) typical firings, so
+that a feature firing once on one badly-mapped token does not outrank one that fires on many. The
+table also has the unshrunk ratio (``map_err_raw``), the mean error on firing tokens over ē
+(``map_err_fire``) and the sums behind them (``mass_err`` = Σ_t f e, ``fires``, ``fire_err``), so
+another estimator needs no second pass.
 
 **Activation difference** (Minder et al. 2025). δ_t = x_B,t − x_A,t when the widths agree
 (``mode="direct"``), else δ_t = x_B,t − (x_A,t W_ab + b_ab) (``mode="map"``). Its mean over the
@@ -54,7 +55,7 @@ from .errors import DiffkitError
 DIVERGENCE_KIND = "diffkit.Divergence"
 DIVERGENCE_FORMAT_VERSION = 1
 TENSORS = "divergence.safetensors"
-PRIOR_FIRINGS = 20.0
+PRIOR_FIRINGS = 3.0  # chosen on the organisms (reports/organisms: "map-error estimator"): 20 hid rare planted features
 MODES = ("auto", "direct", "map")
 SPLITS = ("all", "train", "heldout")
 
@@ -237,26 +238,35 @@ class Divergence:
         return table
 
 
+def map_error_score(mass_err: np.ndarray, mass: np.ndarray, fires: np.ndarray, mean_err: float,
+                    prior_firings: float = PRIOR_FIRINGS) -> np.ndarray:
+    """``map_err`` of the module docstring from the streamed sums (pure; the prior in typical firings)."""
+    live = fires > 0
+    typical = float(np.median(mass[live] / fires[live])) if live.any() else 1.0  # mass of one typical firing
+    c = prior_firings * typical
+    ebar = mean_err if mean_err > 0 else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mass + c > 0, (mass_err + c * ebar) / np.where(mass + c > 0, mass + c, 1.0) / ebar, np.nan)
+
+
 def feature_scores(acc: dict, mean_err: float, n: int, mean_delta: np.ndarray, dec: np.ndarray) -> Any:
     """Per-feature table of the module docstring's formulas, from the streamed sums (pure function)."""
     import pandas as pd
 
     mass, fires = acc["mass"], acc["fires"]
-    live = fires > 0
-    typical = float(np.median(mass[live] / fires[live])) if live.any() else 1.0  # mass of one typical firing
-    c = PRIOR_FIRINGS * typical
     ebar = mean_err if mean_err > 0 else 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
         raw = np.where(mass > 0, acc["mass_err"] / np.where(mass > 0, mass, 1) / ebar, np.nan)
         fire = np.where(fires > 0, acc["fire_err"] / np.where(fires > 0, fires, 1) / ebar, np.nan)
         along = np.where(mass > 0, acc["along"] / np.where(mass > 0, mass, 1), 0.0)
-    shrunk = (acc["mass_err"] + c * ebar) / (mass + c) / ebar
+    shrunk = map_error_score(acc["mass_err"], mass, fires, mean_err)
     unit = dec / np.maximum(np.linalg.norm(dec, axis=1, keepdims=True), 1e-12)
     dn = float(np.linalg.norm(mean_delta))
     cos = unit @ mean_delta / dn if dn > 0 else np.zeros(len(dec))
     return pd.DataFrame({"feature": np.arange(len(dec)), "freq": fires / max(1, n), "mean_act": mass / max(1, n),
                          "map_err": shrunk, "map_err_raw": raw, "map_err_fire": fire, "diff_cos": cos,
-                         "diff_along": along, "mass": mass,
+                         "diff_along": along, "mass": mass, "mass_err": acc["mass_err"], "fires": fires,
+                         "fire_err": acc["fire_err"],
                          **{f"mass_label{lab}": m for lab, m in enumerate(acc["mass_by_label"]) if lab > 0}})
 
 

@@ -128,6 +128,25 @@ class CaseResult:
     promoted: dict = field(default_factory=dict)
     token_error_planted: dict = field(default_factory=dict)  # for the figure: e_B/ē samples, planted vs not
     seconds: dict = field(default_factory=dict)
+    estimators: dict = field(default_factory=dict)  # map-error estimator variant -> method_scores
+
+
+ESTIMATOR_PRIORS = (0.0, 1.0, 3.0, 10.0, 20.0)
+
+
+def estimator_sweep(fb: Any, mean_err: float, planted: np.ndarray) -> dict:
+    """The map-error feature score under other estimators, from the same sums (the data that chose the default):
+    activation-weighted vs unweighted (mean error on firing tokens), each with a prior of c typical firings."""
+    from ..divergence import map_error_score
+
+    mass, fires = fb.mass.to_numpy(), fb.fires.to_numpy()
+    out = {}
+    for c in ESTIMATOR_PRIORS:
+        out[f"weighted, prior {c:g}"] = method_scores(map_error_score(fb.mass_err.to_numpy(), mass, fires, mean_err, c),
+                                                       planted)
+        out[f"firing tokens, prior {c:g}"] = method_scores(
+            map_error_score(fb.fire_err.to_numpy(), fires, fires, mean_err, c), planted)
+    return out
 
 
 @contextlib.contextmanager
@@ -270,6 +289,7 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
     seconds["crosscoders"] = time.perf_counter() - t
 
     metrics, counts, planted = _score_all(methods, masses, labels)
+    estimators = estimator_sweep(fb, res.mean_error["b"], planted["sae_b"][DEFAULT_FACTOR])
     for arch, info in cc_info.items():
         p = planted[f"crosscoder:{arch}"][DEFAULT_FACTOR]
         r, lab = info.pop("r"), info.pop("labels")
@@ -298,7 +318,7 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
                                    for l in range(1, n_labels)},
                       label_names=names, metrics=metrics, planted_counts=counts, worst=worst, top_map_error=top,
                       crosscoder=cc_info, map_fve={d: lmap.scores_[d]["heldout_fve"] for d in lmap.scores_},
-                      promoted=promoted,
+                      promoted=promoted, estimators=estimators,
                       token_error_planted={"planted": rel[labels > 0].tolist(), "ordinary": rel[sample].tolist()},
                       seconds=seconds)
 

@@ -18,7 +18,8 @@ from ..report.figures import agg_pyplot, save_figure
 from ..report.markdown import Tables, fmt_num, md_context
 from ..store_format import atomic_write_bytes, atomic_write_json
 from .organisms import CASES, COMMAND, command_line
-from .organisms_score import DEFAULT_FACTOR, FACTORS, share_threshold
+from ..divergence import PRIOR_FIRINGS as PRIOR
+from .organisms_score import DEFAULT_FACTOR, share_threshold
 
 TARGET_CASES = ("backdoor", "facts")
 CONTROL_CASES = ("null", "null_facts", "sae_seed")
@@ -177,6 +178,23 @@ def _factor_table(summary: dict, tables: Tables) -> list[str]:
     return tables.add("by_factor", pd.DataFrame(rows))
 
 
+def _estimator_table(result: dict, tables: Tables) -> list[str]:
+    import pandas as pd
+
+    rows = []
+    for case, cr in result["cases"].items():
+        for est, e in cr.estimators.items():
+            rows.append({"organism": case, "estimator": est, "precision@10": e["precision_at_10"],
+                         "first planted rank": e["first_planted_rank"], "AUROC": e["auroc"]})
+    if not rows:
+        return []
+    df = pd.DataFrame(rows).pivot_table(index="estimator", columns="organism",
+                                        values=["precision@10", "first planted rank"], sort=False)
+    df.columns = [f"{org}: {what}" for what, org in df.columns]
+    df = df.reset_index()
+    return tables.add("map_error_estimators", df)
+
+
 def _heatmap(summary: dict, path: Path, command: str) -> str:
     plt = agg_pyplot()
     cases = list(summary["organisms"])
@@ -251,6 +269,12 @@ def write_organisms_report(result: dict, out: str | Path) -> tuple[Path, dict]:
               f"label is at least {DEFAULT_FACTOR:g}× that label's share of the store (odds form, see *Definitions*).",
               "", _heatmap(summary, figs / "precision_at_10.png", command), "", *_summary_table(summary, tables),
               "### Sensitivity to the planted threshold (10×, 20×, 50×)", "", *_factor_table(summary, tables)]
+    lines += ["## Choosing the map-error estimator", "",
+              "The per-feature score from the same streamed sums under other estimators: activation-weighted "
+              "(`(Σ f e + c ē)/(Σ f + c)/ē`) or over firing tokens only (`(Σ_fire e + c ē)/(#fire + c)/ē`), with a "
+              "prior of c typical firings (weighted: c × the median mass of one firing). The default "
+              f"(`diffkit.divergence.PRIOR_FIRINGS`) is weighted with c = {PRIOR:g}, chosen on this table.", "",
+              *_estimator_table(result, tables)]
     lines += ["## The tokens where the map fails", "",
               "Per-token error of the A→B map over its mean, planted tokens against ordinary ones (a sample of "
               "20,000).", "", _token_error_figure(result, figs / "token_error.png", command), ""]
