@@ -109,7 +109,19 @@ def _finding(summary: dict, result: dict) -> list[str]:
     best = best_method(summary)
     lines = []
     if best is None or not any(c in orgs for c in TARGET_CASES):
-        return ["**No organism with an answer key ran** (see *Missing* below): nothing is scored yet.", ""]
+        if not orgs:
+            return ["**No case ran** (see *Missing* below): nothing is scored yet.", ""]
+        ran = []
+        for c, methods in orgs.items():
+            ranked = [(m, e["first_planted_rank"]) for m, e in methods.items() if e.get("first_planted_rank") is not None]
+            if ranked:
+                m, r = min(ranked, key=lambda x: x[1])
+                me = methods.get("map-error", {})
+                ran.append(f"**{c}**: best first planted rank {_rank(r)} (`{m}`); map-error {_rank(me.get('first_planted_rank'))}, "
+                           f"precision@10 {fmt_num(me.get('precision_at_10'), 2)}, token AUROC {fmt_num(me.get('token_auroc'))}")
+        missing = ", ".join(f"`{c}`" for c in TARGET_CASES if c not in orgs)
+        return [f"**The targets' organisms ({missing}) are not built in this checkout** (see *Missing*), so the targets "
+                "cannot be judged here. On what ran: " + "; ".join(ran) + ".", ""]
     tb = summary["targets"][best]
     verdict = "meets every target" if tb["meets_all"] else f"meets {tb['n_met']} of {tb['n_checks']} targets"
     parts = []
