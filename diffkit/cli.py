@@ -164,12 +164,16 @@ def zoo() -> None:
 @zoo.command("list")
 def zoo_list():
     """List the zoo models."""
-    from .zoo import ARTIFACTS, RECIPES, SAE_HOOK
+    from .zoo import ARTIFACTS, LAST_HOOK, ORGANISMS, RECIPES, SAE_HOOK, ZOO_MODELS
+    from .zoo.recipes import LAST_SAE_MODELS
 
     for name, recipe in RECIPES.items():
         built = "built" if (ARTIFACTS / name / "model").exists() else "not built"
         click.echo(f"zoo:{name:<11} d_model {recipe.d_model:<4} {recipe.description} [{built}]")
-    click.echo(f"each has a TopK SAE at {SAE_HOOK} (sae-lens format): {ARTIFACTS}/NAME/sae")
+    click.echo(f"TopK SAEs (sae-lens format): {', '.join(ZOO_MODELS)} at {SAE_HOOK} (zoo:NAME, {ARTIFACTS}/NAME/sae); "
+               f"{', '.join(LAST_SAE_MODELS)} at {LAST_HOOK} (zoo:NAME/blocks.1, NAME/sae-blocks.1); base also @seed1")
+    for org in ORGANISMS.values():
+        click.echo(f"organism {org.name:<9} zoo:{org.model_a} vs zoo:{org.model_b} on --corpus {org.corpus}: {org.planted}")
     from .zoo import smollm2
 
     click.echo(smollm2.list_line())
@@ -177,19 +181,29 @@ def zoo_list():
 
 @zoo.command("info")
 def zoo_info():
-    """Held-out loss of each zoo model on prose and on code (recomputed now)."""
+    """Held-out loss of each zoo model on prose and on code (recomputed now), and the organisms' behaviour."""
+    import json
+
     import torch
 
     from .models import load_model
-    from .zoo import ZOO_MODELS
+    from .zoo import ALL_MODELS, ARTIFACTS
     from .zoo.build import heldout_losses
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    click.echo(f"{'model':<16}{'prose':>8}{'code':>8}   (held-out next-token loss, nats/token)")
-    for name in ZOO_MODELS:
+    click.echo(f"{'model':<16}{'prose':>8}{'code':>8}   (held-out next-token loss, nats/token; organisms: held-out "
+               "behaviour from build.json, organism vs base)")
+    build = json.loads((ARTIFACTS / "build.json").read_text()) if (ARTIFACTS / "build.json").exists() else {}
+    for name in ALL_MODELS:
+        if not (ARTIFACTS / name / "model").exists():
+            click.echo(f"zoo:{name:<12} not built")
+            continue
         loaded = load_model(f"zoo:{name}")
         losses = heldout_losses(loaded.model, loaded.model.cfg.n_ctx)
-        click.echo(f"zoo:{name:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}")
+        fig = build.get(name, {}).get("behaviour")
+        shown = "  " + ", ".join(f"{k} {v:.2f} vs {fig['base'][k]:.2f}" for k, v in fig["organism"].items()
+                                 if isinstance(v, float)) if fig else ""
+        click.echo(f"zoo:{name:<12}{losses['prose']:>8.3f}{losses['code']:>8.3f}{shown}")
     from .zoo import smollm2
 
     click.echo(smollm2.info_line())
@@ -200,6 +214,8 @@ def zoo_info():
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: the package's own zoo/artifacts).")
 @click.option("--saes-only", is_flag=True, help="Keep the trained models; retrain only their SAEs (~2 min).")
+@click.option("--organisms", is_flag=True, help="Only the organisms (from the built base) and every model's "
+              "blocks.1 SAE; the original models and their blocks.0 SAEs stay as they are.")
 @click.option("--size", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="smollm2 only: the budget (cpu ~25 min on 2 cores; gpu >= 10M tokens, 16k SAEs).")
 @click.option("--device", default=None, help="smollm2 only: torch device (default: the size's, cpu or cuda).")
@@ -208,14 +224,15 @@ def zoo_info():
               help="smollm2 only: large artifacts (default runs/smollm2-SIZE); a rerun resumes there.")
 @click.option("--overwrite", is_flag=True, help="smollm2 only: discard --work and start again.")
 @click.option("--dry-run", is_flag=True, help="smollm2 only: check the GGUF, save and print the config and plan.")
-def zoo_build(names, out, saes_only, size, device, threads, work, overwrite, dry_run):
-    """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores).
+def zoo_build(names, out, saes_only, organisms, size, device, threads, work, overwrite, dry_run):
+    """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores,
+    plus the organisms; `--organisms` builds only those and every model's blocks.1 SAE).
 
     `diffkit zoo build smollm2 --out DIR` instead fine-tunes SmolLM2-135M on Python source and runs the
     whole diff (SAEs, align, crosscoder, compare, report) on it and the original.
     """
-    from .zoo import ZOO_MODELS
-    from .zoo.build import build_zoo
+    from .zoo import ALL_MODELS
+    from .zoo.build import build_organisms, build_zoo
 
     if "smollm2" in names:
         from .zoo.smollm2_build import cli_build
@@ -225,8 +242,13 @@ def zoo_build(names, out, saes_only, size, device, threads, work, overwrite, dry
         cli_build(out, size, device, threads, work, overwrite, dry_run, log=click.echo)
         return
     for name in names:
-        if name not in ZOO_MODELS:
-            raise DiffkitError(f"unknown zoo model {name!r}: choose from {', '.join(ZOO_MODELS)}")
+        if name not in ALL_MODELS:
+            raise DiffkitError(f"unknown zoo model {name!r}: choose from {', '.join(ALL_MODELS)}")
+    if organisms:
+        if names or saes_only:
+            raise DiffkitError("--organisms builds a fixed set: drop the model names and --saes-only")
+        build_organisms(out, log=click.echo)
+        return
     build_zoo(list(names) or None, out, saes_only=saes_only, log=click.echo)
 
 
@@ -287,7 +309,7 @@ def fit_map(acts, out, method, alpha, space, quiet):
 
 
 @main.command()
-@click.option("--sae-a", required=True, help="SAE of model A: sae-lens directory, .safetensors file, zoo:NAME[@seedN], or RELEASE/SAE_ID.")
+@click.option("--sae-a", required=True, help="SAE of model A: sae-lens directory, .safetensors file, zoo:NAME[@seedN][/blocks.1], or RELEASE/SAE_ID.")
 @click.option("--sae-b", required=True, help="SAE of model B (same kinds of SPEC).")
 @click.option("--acts", type=click.Path(path_type=Path), required=True, help="Activation store of the two models.")
 @click.option("--map", "map_dir", type=click.Path(path_type=Path), default=None,

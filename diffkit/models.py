@@ -224,7 +224,7 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
                            "Hugging Face model (config.json): point at the model's own folder")
     name = _official_name(spec)
     if name is None:
-        raise DiffkitError(f"unknown model spec {spec!r}: use zoo:NAME ({', '.join(zoo.ZOO_MODELS)}), a model "
+        raise DiffkitError(f"unknown model spec {spec!r}: use zoo:NAME ({', '.join(zoo.ALL_MODELS)}), a model "
                            "directory, or a TransformerLens official model name")
     from transformer_lens import HookedTransformer
 

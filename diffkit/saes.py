@@ -9,7 +9,8 @@ A SPEC is one of:
    ``cfg.json``) holding at least ``d_in`` and ``d_sae``; ``architecture`` defaults to ``jumprelu``
    when a threshold is present, ``topk`` when the config has ``k``, else ``standard``; built with
    ``SAE.from_dict`` so the encoding is sae-lens's own;
-3. ``zoo:NAME`` (or ``zoo:NAME@seedN``): an SAE of the embedded zoo, an sae-lens directory;
+3. ``zoo:NAME`` (or ``zoo:NAME@seedN``): an SAE of the embedded zoo at blocks.0, an sae-lens directory;
+   ``zoo:NAME/blocks.1`` (``zoo:NAME@seedN/blocks.1``): the one at ``blocks.1.hook_resid_post``;
 4. ``RELEASE/SAE_ID`` from sae-lens's pretrained registry (``pretrained_saes.yaml``), loaded with
    ``SAE.from_pretrained`` (needs the hub; the SAE id may itself contain slashes).
 
@@ -229,7 +230,7 @@ def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
     from sae_lens import SAE
 
     path = Path(spec)
-    if spec.startswith("zoo:"):  # the embedded zoo's SAEs: zoo:NAME or zoo:NAME@seedN
+    if spec.startswith("zoo:"):  # the embedded zoo's SAEs: zoo:NAME[@seedN][/blocks.1]
         from .zoo import sae_spec_dir
 
         path = sae_spec_dir(spec)

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..corpora import token_sequences
 from ..tokenizer import ByteTokenizer
-from .recipes import EXTRA_SAE_SEEDS, RECIPES, SAE_RECIPE, ModelRecipe, SAERecipe
+from .recipes import (BLOCK0_MODELS, LAST_SAE_MODELS, LAST_SAE_RECIPE, ORGANISM_MODELS, RECIPES, SAE_RECIPE, ModelRecipe, SAERecipe,
+                      sae_plan)
 
 EVAL_SEQUENCES = 64  # held-out sequences per domain for `zoo info`
 
@@ -172,11 +173,26 @@ def _heldout_acts(model: Any, hook: str, domain: str, n_seqs: int = EVAL_SEQUENC
     return token_activations(model, hook, ids, lengths)
 
 
+def behaviour_figures(name: str, model: Any, base: Any) -> dict | None:
+    """Held-out behaviour of organism ``name`` and of base on the same test (None: no planted behaviour)."""
+    from .behaviour import BEHAVIOUR
+
+    fn = BEHAVIOUR.get(name)
+    return None if fn is None else {"organism": fn(model), "base": fn(base)}
+
+
+def sae_key(recipe: SAERecipe, seed: int) -> str:
+    """build.json key of an SAE: ``sae``, ``sae_seed1`` (blocks.0), ``sae_blocks.1``, ``sae_blocks.1_seed1``."""
+    stem = "sae" if recipe.hook == SAE_RECIPE.hook else f"sae_{recipe.hook.removesuffix('.hook_resid_post')}"
+    return stem if seed == 0 else f"{stem}_seed{seed}"
+
+
 def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes_only: bool = False,
-              log: Callable = print) -> dict:
+              hooks: list[str] | None = None, log: Callable = print) -> dict:
     """Train the named zoo models (all by default) and their SAEs; write artifacts and build.json.
 
-    ``saes_only`` keeps the existing models and retrains only their SAEs.
+    ``saes_only`` keeps the existing models and retrains only their SAEs; ``hooks`` trains only the
+    SAEs at those hooks (the others, and their build.json entries, are kept).
     """
     import torch
     from tqdm import tqdm
@@ -194,7 +210,8 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
         recipe = RECIPES[name]
         model_dir = out_root / name / "model"
         t0 = time.time()
-        entry = report.get(name, {}) if saes_only else {}
+        old = report.get(name, {})
+        entry = dict(old) if saes_only else {}  # a retrained model: its old SAEs no longer describe it
         if not saes_only:
             init = None
             if recipe.init_from:
@@ -214,21 +231,48 @@ def build_zoo(names: list[str] | None = None, out_root: Path | None = None, saes
             losses = heldout_losses(model, recipe.n_ctx)
             save_checkpoint(model, Tok(), model_dir, dtype="float16",
                             provenance={"recipe": asdict(recipe), "heldout_loss": losses})
-            entry = {"recipe": asdict(recipe), "heldout_loss": losses, "model_seconds": round(time.time() - t0, 1)}
+            entry.update({"recipe": asdict(recipe), "heldout_loss": losses,
+                          "model_seconds": round(time.time() - t0, 1)})
         model = load_checkpoint(model_dir)[0]  # the SAE sees the weights as saved
         if "heldout_loss" not in entry:  # --saes-only on models that build.json does not describe
             entry["heldout_loss"] = heldout_losses(model, recipe.n_ctx)
-        t1 = time.time()
-        entry["sae"] = train_sae(model, SAE_RECIPE, name, out_root / name / sae_subdir(0))
-        entry["sae_seconds"] = round(time.time() - t1, 1)
-        for seed in EXTRA_SAE_SEEDS.get(name, ()):
-            entry[f"sae_seed{seed}"] = train_sae(model, replace(SAE_RECIPE, seed=seed), name,
-                                                 out_root / name / sae_subdir(seed))
+        if not saes_only and recipe.init_from:
+            figures = behaviour_figures(name, model, load_checkpoint(out_root / recipe.init_from / "model")[0])
+            if figures is not None:
+                entry["behaviour"] = figures
+        for sae_recipe, seed in sae_plan(name):
+            if hooks is not None and sae_recipe.hook not in hooks:
+                continue
+            t1 = time.time()
+            key = sae_key(sae_recipe, seed)
+            entry[key] = train_sae(model, replace(sae_recipe, seed=seed), name,
+                                   out_root / name / sae_subdir(seed, sae_recipe.hook))
+            entry[key]["seconds"] = round(time.time() - t1, 1)
         report[name] = entry
-        losses, sae = entry["heldout_loss"], entry["sae"]
-        log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; "
-            f"SAE FVU {sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead {sae['dead_fraction']:.1%} ({time.time() - t0:.0f} s)")
-    report["_sae_recipe"] = asdict(SAE_RECIPE)
-    build_file.parent.mkdir(parents=True, exist_ok=True)
+        losses = entry["heldout_loss"]
+        saes = "; ".join(f"{k} FVU {v['fvu']:.3f} dead {v['dead_fraction']:.1%}" for k, v in entry.items()
+                         if k.startswith("sae") and isinstance(v, dict))
+        behaviour = f"; behaviour {json.dumps(entry['behaviour'])}" if "behaviour" in entry else ""
+        log(f"zoo:{name}: held-out loss prose {losses['prose']:.3f}, code {losses['code']:.3f}; {saes}{behaviour} "
+            f"({time.time() - t0:.0f} s)")
+        report["_sae_recipe"] = asdict(SAE_RECIPE)
+        report["_last_sae_recipe"] = asdict(LAST_SAE_RECIPE)
+        build_file.parent.mkdir(parents=True, exist_ok=True)
+        build_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")  # after each model: resumable
+    return report
+
+
+def build_organisms(out_root: Path | None = None, log: Callable = print) -> dict:
+    """The organisms and every last-block SAE: train the organism models (from the built base), then the
+    ``LAST_HOOK`` SAEs of the original zoo models; their models and blocks.0 SAEs stay as they are."""
+    t0 = time.time()
+    build_zoo(list(ORGANISM_MODELS), out_root, log=log)
+    report = build_zoo([n for n in BLOCK0_MODELS if n in LAST_SAE_MODELS], out_root, saes_only=True,
+                       hooks=[LAST_SAE_RECIPE.hook], log=log)
+    report["_organisms_seconds"] = round(time.time() - t0, 1)
+    from . import ARTIFACTS
+
+    build_file = Path(out_root or ARTIFACTS) / "build.json"
     build_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log(f"organisms and last-block SAEs built in {time.time() - t0:.0f} s")
     return report
