@@ -458,7 +458,8 @@ def fit_map(acts, out, method, alpha, space, quiet):
 @click.option("--solver", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
               help="Exact dense assignment, or the sparse top-k candidate graph (auto: sparse above 4096² pairs).")
 @click.option("--k", type=int, default=32, show_default=True, help="Neighbours per feature in the sparse graph.")
-@click.option("--rank-by", type=click.Choice(["act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr"]),
+@click.option("--rank-by", type=click.Choice(["act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr",
+                                             "map-error"]),
               default="act-mass", show_default=True,
               help="Score that ranks the shared pairs (act-mass: centred log ratio of mean activation x decoder "
                    "norm; it finds planted strength changes that the encoder-norm difference misses).")
@@ -512,6 +513,61 @@ def align(sae_a, sae_b, acts, map_dir, out, threshold, cost, blend, solver, k, r
                           "map": str(map_dir) if map_dir is not None else str(Path(out) / "map")})
     click.echo(format_summary(diff, top=top))
     click.echo(f"{diff.summary['seconds']['total']:.1f} s; FeatureDiff written to {out}")
+
+
+@main.command()
+@click.option("--acts", type=click.Path(path_type=Path), required=True, help="Activation store of the two models.")
+@click.option("--map", "map_dir", type=click.Path(path_type=Path), default=None,
+              help="A `diffkit fit-map` output; fitted now (lstsq) and saved in OUT/map when omitted.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--sae-a", default=None, help="SAE of model A (optional): its features are scored by the B->A error.")
+@click.option("--sae-b", default=None, help="SAE of model B (optional): its features are scored by the A->B error.")
+@click.option("--model-b", default=None, help="Model B, for the tokens the mean difference promotes through its "
+              "unembedding [default: the store's model B if it loads; 'none' to skip].")
+@click.option("--mode", type=click.Choice(["auto", "direct", "map"]), default="auto", show_default=True,
+              help="Activation difference x_B - x_A (direct, same width) or x_B - map(x_A); auto: direct if it can.")
+@click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True)
+@click.option("--top", type=int, default=200, show_default=True, help="Worst-mapped tokens kept (worst_tokens.csv).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def divergence(acts, map_dir, out, sae_a, sae_b, model_b, mode, split, top, quiet):
+    """Where the two models disagree: the map's per-token error (worst tokens with contexts, features
+    ranked by the error where they fire) and the mean activation difference (on decoder rows and
+    through the unembedding). Training-free; writes config.json, divergence.safetensors,
+    worst_tokens.csv, features_{a,b}.csv and summary.json to OUT."""
+    import warnings
+
+    from .activations import ActivationStore
+    from .divergence import (DivergenceConfig, format_divergence, run_divergence, save_divergence, store_labels,
+                             summarize, worst_tokens_frame)
+    from .linear_map import LinearMap
+    from .saes import load_sae
+
+    cfg = DivergenceConfig(split=split, mode=mode, top_tokens=top)
+    store = ActivationStore.open(acts)
+    saes = [load_sae(s) if s else None for s in (sae_a, sae_b)]
+    spec_b = model_b or store.manifest["sources"]["b"].get("spec")
+    loaded_b = None
+    if spec_b and spec_b != "none":
+        from .models import load_model
+
+        try:
+            loaded_b = load_model(spec_b)
+        except DiffkitError:
+            if model_b:
+                raise
+            click.echo(f"note: the store's model B {spec_b!r} does not load here; pass --model-b for the unembedding")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lmap = LinearMap.load(map_dir) if map_dir is not None else LinearMap().fit(store, progress=not quiet)
+        res = run_divergence(store, lmap, cfg, *saes, model_b=loaded_b, progress=not quiet)
+    if map_dir is None:
+        lmap.save(Path(out) / "map")
+    worst = worst_tokens_frame(store, res, split, cfg.window)
+    summary = summarize(res, lmap, worst, store_labels(store, split))
+    save_divergence(res, out, cfg, {"acts": str(acts), "map": str(map_dir or Path(out) / "map"), "sae_a": sae_a,
+                                    "sae_b": sae_b, "model_b": spec_b if loaded_b is not None else None}, summary, worst)
+    click.echo(format_divergence(res, summary, worst))
+    click.echo(f"divergence written to {out}")
 
 
 def _command_line() -> str:
@@ -679,6 +735,31 @@ def bench_groundtruth(out, work, quick, threads, seed, progress):
     path = write_groundtruth_report(result, out)
     click.echo(format_groundtruth_summary(result))
     click.echo(f"{result.seconds:.0f} s; report written to {path}")
+
+
+@bench.command("organisms")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/organisms"), show_default=True,
+              help="Report directory: report.md, figures/, tables/, summary.json, config.json.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/organisms"), show_default=True,
+              help="Stores and crosscoders (uncommitted); a rerun reuses complete stores.")
+@click.option("--cases", default="", help="Comma-separated cases [default: all: backdoor, facts, code, cot, null, "
+              "null_facts, sae_seed].")
+@click.option("--quick", is_flag=True, help="Small stores and crosscoders: a check that it runs.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
+@click.option("--hook", default="blocks.1.hook_resid_post", show_default=True,
+              help="Hook of both models (blocks.0.hook_resid_post: the zoo's blocks.0 SAEs instead).")
+def bench_organisms(out, work, cases, quick, threads, hook):
+    """Every method on the model organisms, scored against their token-level answer key: precision@10/@50,
+    first planted rank, AUROC, token AUROC, with the null and SAE-seed controls (~15 min on 2 cores)."""
+    from .bench.organisms import CASES, OrganismsConfig, run_organisms
+    from .bench.organisms_report import format_organisms_summary, write_organisms_report
+
+    names = tuple(c.strip() for c in cases.split(",") if c.strip()) or tuple(CASES)
+    cfg = (OrganismsConfig.quick_config if quick else OrganismsConfig)(threads=threads, cases=names, hook=hook)
+    result = run_organisms(cfg, out, work, log=lambda m: click.echo(m, err=True))
+    path, summary = write_organisms_report(result, out)
+    click.echo(format_organisms_summary(summary))
+    click.echo(f"{result['seconds']:.0f} s; report written to {path}")
 
 
 @bench.command("gpu")

@@ -80,7 +80,9 @@ calibrated one.
 
 Rank-by methods (:data:`RANKINGS`): ``act-mass`` |act_mass_log_ratio| (default); ``enc-norm``
 |enc_norm_diff|; ``enc-norm-robust`` |enc_norm_diff_robust|; ``freq`` |freq_log_ratio|;
-``mean-act`` |mean_act_log_ratio|; ``corr`` 1 − pair_corr.
+``mean-act`` |mean_act_log_ratio|; ``corr`` 1 − pair_corr; ``map-error`` the map's error where the
+feature fires (:mod:`diffkit.divergence`; columns ``map_err_a``/``map_err_b``; every row, unmatched
+ones included, is scored by it, a shared pair by the larger of its two sides).
 
 Why ``act-mass`` is the default: on planted ground truth with real sae-lens TopK SAEs (``diffkit
 bench groundtruth``), shared features whose strength was changed in B are found by the centred
@@ -137,7 +139,7 @@ from .metrics import log_ratio, robust_scale
 DIFF_KIND = "diffkit.FeatureDiff"
 DIFF_FORMAT_VERSION = 2  # 2: config.json sealed (diffkit.io), sha256 of every file of the artifact
 DEFAULT_THRESHOLD = 0.5
-RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr")
+RANKINGS = ("act-mass", "enc-norm-robust", "enc-norm", "freq", "mean-act", "corr", "map-error")
 COSTS = ("cosine", "corr", "blend")
 SPLITS = ("all", "train", "heldout")
 # The statistics pass holds a few (rows, d_sae) feature matrices at once (each SAE's encoding, its
@@ -199,6 +201,13 @@ class FeatureDiff:
     summary: dict
     config: AlignConfig
     contexts: dict  # ("a"|"b", feature) -> list of (text, marked token offset)
+
+
+# The difference score of a shared pair under each rank-by (map-error: added by diffkit.divergence's columns).
+SHARED_SCORES: dict[str, Callable[[Any], Any]] = {
+    "act-mass": lambda t: t.act_mass_log_ratio.abs(), "enc-norm": lambda t: t.enc_norm_diff.abs(),
+    "enc-norm-robust": lambda t: t.enc_norm_diff_robust.abs(), "freq": lambda t: t.freq_log_ratio.abs(),
+    "mean-act": lambda t: t.mean_act_log_ratio.abs(), "corr": lambda t: 1.0 - t.pair_corr}
 
 
 def decoder_norms(sae: Any) -> np.ndarray:
@@ -317,9 +326,7 @@ def _table(asg: Assignment, stats: dict, pair_corr: np.ndarray, cosines: np.ndar
     mass_ratio = np.asarray(log_ratio(mass_a[ia], mass_b[ib], eps_mass), dtype=np.float64)
     shared["act_mass_log_ratio"] = mass_ratio - (np.median(mass_ratio) if len(mass_ratio) else 0.0)
     shared["pair_corr"] = pair_corr[matched]
-    shared["score"] = {"act-mass": shared.act_mass_log_ratio.abs(), "enc-norm": shared.enc_norm_diff.abs(), "enc-norm-robust": shared.enc_norm_diff_robust.abs(),
-                       "freq": shared.freq_log_ratio.abs(), "mean-act": shared.mean_act_log_ratio.abs(),
-                       "corr": 1.0 - shared.pair_corr}[rank_by]
+    shared["score"] = SHARED_SCORES[rank_by](shared)
     partner_a = {int(a): (int(b), float(s), float(c)) for a, b, s, c in
                  zip(asg.pair_a, asg.pair_b, asg.similarity, cosines)}
     partner_b = {b: (a, s, c) for a, (b, s, c) in partner_a.items()}
@@ -390,6 +397,11 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                            f"{store.d_model('a')} -> {store.d_model('b')}: fit the map on this store")
     if store.n_tokens(cfg.split) == 0:
         raise DiffkitError(f"the store has no tokens in split {cfg.split!r}: use --split all or collect more tokens")
+    if cfg.rank_by == "map-error" and not any(hasattr(e, "feature_columns") for e in extra):
+        from .divergence import Divergence, split_positions  # the map-error sums ride on this pass
+
+        extra = [*extra, Divergence(lmap, store.n_tokens(cfg.split), split_positions(store, cfg.split),
+                                    int(store.config.ctx), sae_a.W_dec, sae_b.W_dec)]
     carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
     dirs_b = sae_b.W_dec.double().numpy()
     need_cross = cfg.cost != "cosine"
@@ -426,7 +438,10 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
         pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
     cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
     table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
-                   decoder_norms(sae_a), decoder_norms(sae_b), cfg.rank_by)
+                   decoder_norms(sae_a), decoder_norms(sae_b), "act-mass" if cfg.rank_by == "map-error" else cfg.rank_by)
+    for acc in extra:
+        if hasattr(acc, "feature_columns"):  # diffkit.divergence: map_err_a/_b columns (and the map-error rank)
+            table = acc.feature_columns(table, rank=cfg.rank_by == "map-error")
     summary = _summary(asg, lmap, stats, cfg, notes, table, pair_corr,
                        {"stats": (t_stats - t0) if need_cross else (t_stats - t_assign),
                         "assign": (t_assign - t_stats) if need_cross else (t_assign - t0),
@@ -599,9 +614,10 @@ def format_summary(diff: FeatureDiff, top: int = 5) -> str:
         lines.append(f"note: {note}")
     for side, name in (("a", "A"), ("b", "B")):
         only = t[t.kind == f"{side}_only"]
-        if cal:  # calls first (most significant first), then the rest by activation mass
+        if cal:  # calls first (most significant first), then the rest in the table's order
             only = only.assign(_call=only.verdict != f"{side}_only").sort_values(["_call", "q_exclusive"], kind="stable")
-        lines.append(f"top {name}-only features ({'calls at the FDR first, by q' if cal else 'by activation mass'}):")
+        order = "map error" if diff.config.rank_by == "map-error" else "activation mass"
+        lines.append(f"top {name}-only features ({'calls at the FDR first, by q; then by ' + order if cal else 'by ' + order}):")
         for _, r in only.head(top).iterrows():
             i = int(r[f"feature_{side}"])
             q = f" retention {r.retention:.2f} q {r.q_exclusive:.3g} {r.verdict}" if cal else ""
