@@ -294,7 +294,7 @@ def run_divergence(store: Any, lmap: Any, cfg: DivergenceConfig = DivergenceConf
     """One pass over ``cfg.split``: map failure and activation difference, features scored when SAEs are given;
     ``model_b`` (a :class:`~diffkit.models.LoadedModel`) adds the tokens the mean difference promotes."""
     import torch
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .saes import check_against_store
 

@@ -97,7 +97,7 @@ def test_recipe_micro_end_to_end(tmp_path, loaded):
 
     out, work = tmp_path / "report", tmp_path / "work"
     cfg = _recipe("cpu", out=str(out), work=str(work), threads=torch.get_num_threads(), **{
-        "finetune.steps": 4, "finetune.batch": 4, "finetune.ctx": 48, "finetune.lr": 5e-4, "finetune.warmup": 1,
+        "finetune.steps": 4, "finetune.batch": 4, "finetune.ctx": 128, "finetune.lr": 2e-4, "finetune.warmup": 1,
         "report.loss_sequences": 4, "data.tokens": 2500, "data.ctx": 64, "saes.train.d_sae": 128, "saes.train.k": 8,
         "saes.train.tokens": 2560, "saes.train.batch_size": 128, "crosscoder.dict_size": 128, "crosscoder.k": 8,
         "crosscoder.tokens": 4000, "crosscoder.batch_size": 256, "compare.tokens": 1000})

@@ -154,7 +154,10 @@ class PipelineConfig:
     report: Report = field(default_factory=Report)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The config as the JSON object saved beside the run (tuples become lists, as JSON has no tuple)."""
+        import json
+
+        return json.loads(json.dumps(asdict(self)))
 
 
 def _fail(key: str, problem: str) -> DiffkitError:

@@ -60,12 +60,12 @@ def changed_features(ctx: Context, n: int = TOP_CHANGED, min_freq: float = MIN_F
     saes = {s: load_sae(ctx.results["saes"][s]["spec"]).sae for s in ("a", "b")}
     rows = []
     for r in shared.itertuples():
-        ctx = {s: decode_contexts(store, _top_rows(store, s, saes[s], int(getattr(r, f"feature_{s}")),
-                                                   ctx.cfg.compare.tokens), "heldout", tok) for s in ("a", "b")}
+        texts = {s: decode_contexts(store, _top_rows(store, s, saes[s], int(getattr(r, f"feature_{s}")),
+                                                     ctx.cfg.compare.tokens), "heldout", tok) for s in ("a", "b")}
         rows.append({"rank": int(r.rank), "feature A": int(r.feature_a), "feature B": int(r.feature_b),
                      "cosine": float(r.cosine), "act-mass log ratio (A/B)": float(r.act_mass_log_ratio),
                      "freq A": float(r.freq_a), "freq B": float(r.freq_b),
-                     "contexts A": " · ".join(ctx["a"][:2]), "contexts B": " · ".join(ctx["b"][:2])})
+                     "contexts A": " · ".join(texts["a"][:2]), "contexts B": " · ".join(texts["b"][:2])})
     return rows
 
 
@@ -92,8 +92,8 @@ def smollm2_preamble(ctx: Context, tables) -> list[str]:
            f"{cfg.device}); wall time per stage at the end.", ""]
     budget = (f"Budget: fine-tune {f.steps} steps × {f.batch} × {f.ctx} tokens of `{f.corpus}` (lr {f.lr:g}); "
               f"{d.tokens:,} paired tokens at `{d.hook}` (ctx {d.ctx}, corpus `{d.corpus}`, BOS and padding "
-              f"excluded{_massive_note(cfg, results)}); TopK SAEs of {t.d_sae:,} latents (k {t.k}, {t.steps} × "
-              f"{t.batch} samples); BatchTopK crosscoder of {c.dict_size:,} latents (k {c.k}, {c.tokens:,} tokens).")
+              f"excluded{_massive_note(cfg, results)}); TopK SAEs of {t.d_sae:,} latents (k {t.k}, {t.tokens // t.batch_size} × "
+              f"{t.batch_size} samples); BatchTopK crosscoder of {c.dict_size:,} latents (k {c.k}, {c.tokens:,} tokens).")
     pre += [budget + (" " + cfg.report.intro.strip() if cfg.report.intro else ""), ""]
     losses = results["losses"]
     base, tuned = losses["rows"][0], losses["rows"][1]
