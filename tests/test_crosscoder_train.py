@@ -67,6 +67,13 @@ def test_each_epoch_sees_every_row_at_most_once_and_no_empty_batch(noisy_store):
     assert all(torch.equal(x[0], y[0]) for x, y in zip(full[3:], tail)) and len(tail) == steps - 3
 
 
+def _complete_lines(path) -> list[dict]:
+    """The metrics lines a reader can trust while the trainer may be appending: those ending in a newline
+    (the last one can be half-written at the moment of the read, or of a SIGKILL)."""
+    text = path.read_text()
+    return [json.loads(s) for s in text[:text.rfind("\n") + 1].splitlines() if s.strip()]
+
+
 def test_sigkill_loses_at_most_one_interval_and_resume_matches_uninterrupted(small_store, tmp_path):
     opts = dict(dict_size=2048, batch_size=256, tokens=256 * 300, checkpoint_every=10)
     killed = tmp_path / "killed"
@@ -80,7 +87,7 @@ def test_sigkill_loses_at_most_one_interval_and_resume_matches_uninterrupted(sma
     last = 0
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists():
-            lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
+            lines = _complete_lines(metrics)
             last = max([d["step"] for d in lines], default=0)
             if last >= 25:
                 break
@@ -88,8 +95,7 @@ def test_sigkill_loses_at_most_one_interval_and_resume_matches_uninterrupted(sma
     assert proc.poll() is None, f"training ended before it could be killed: {proc.communicate()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    lines = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
-    done = max(d["step"] for d in lines)
+    done = max(d["step"] for d in _complete_lines(metrics))
     step, _, _ = read_checkpoint(killed)
     assert done - step <= 10 and step >= 20, (done, step)  # at most one checkpoint interval lost
     assert not (killed / "crosscoder.safetensors").exists()
