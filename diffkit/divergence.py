@@ -428,7 +428,7 @@ def save_divergence(res: DivergenceResult, out: str | Path, cfg: DivergenceConfi
     import torch
     from safetensors.torch import save
 
-    from .store_format import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from .io import atomic_write_bytes, json_bytes, sha256_bytes, write_sealed_json
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -446,12 +446,14 @@ def save_divergence(res: DivergenceResult, out: str | Path, cfg: DivergenceConfi
     data = save(tensors)
     atomic_write_bytes(out / TENSORS, data)
     sums = {TENSORS: sha256_bytes(data)}
-    atomic_write_bytes(out / "worst_tokens.csv", worst.to_csv(index=False, float_format="%.6g").encode())
+    files = {"worst_tokens.csv": worst.to_csv(index=False, float_format="%.6g").encode(),
+             "summary.json": json_bytes(summary)}
     for side, df in res.features.items():
-        body = df.to_csv(index=False, float_format="%.6g").encode()
-        atomic_write_bytes(out / f"features_{side}.csv", body)
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_json(out / "config.json", {"kind": DIVERGENCE_KIND, "format_version": DIVERGENCE_FORMAT_VERSION,
+        files[f"features_{side}.csv"] = df.to_csv(index=False, float_format="%.6g").encode()
+    for name, body in files.items():
+        atomic_write_bytes(out / name, body)
+        sums[name] = sha256_bytes(body)
+    write_sealed_json(out / "config.json", {"kind": DIVERGENCE_KIND, "format_version": DIVERGENCE_FORMAT_VERSION,
                                             "config": asdict(cfg), "inputs": inputs, "sha256": sums,
                                             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out
@@ -459,15 +461,13 @@ def save_divergence(res: DivergenceResult, out: str | Path, cfg: DivergenceConfi
 
 def load_token_scores(out: str | Path) -> dict:
     """The per-token tensors of a saved divergence (checksum verified)."""
-    from .store_format import load_safetensors, read_json_object, verify_sha256
+    from .io import load_safetensors, read_sealed_json, verify_sha256
 
     out = Path(out)
     fix = f"run `diffkit divergence --out {out}` again"
     if not (out / "config.json").exists():
         raise DiffkitError(f"{out} is not a complete divergence artifact (no config.json): {fix}")
-    meta = read_json_object(out / "config.json", fix)
-    if meta.get("kind") != DIVERGENCE_KIND or meta.get("format_version") != DIVERGENCE_FORMAT_VERSION:
-        raise DiffkitError(f"{out / 'config.json'} is not a divergence artifact of format {DIVERGENCE_FORMAT_VERSION}: {fix}")
+    meta = read_sealed_json(out / "config.json", DIVERGENCE_KIND, DIVERGENCE_FORMAT_VERSION, fix)
     verify_sha256(out / TENSORS, (meta.get("sha256") or {}).get(TENSORS), fix)
     return {k: v.numpy() for k, v in load_safetensors(out / TENSORS, fix).items()}
 
