@@ -310,6 +310,8 @@ def zoo_info():
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: the package's own zoo/artifacts).")
 @click.option("--saes-only", is_flag=True, help="Keep the trained models; retrain only their SAEs (~2 min).")
+@click.option("--hook", "hooks", multiple=True, help="With --saes-only: only the SAEs at this hook (repeatable), "
+              "e.g. --hook blocks.1.hook_resid_post (all ten blocks.1 SAEs: ~5 min on 2 cores).")
 @click.option("--organisms", is_flag=True, help="Only the organisms (from the built base) and every model's "
               "blocks.1 SAE; the original models and their blocks.0 SAEs stay as they are.")
 @click.option("--size", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -320,7 +322,7 @@ def zoo_info():
               help="smollm2 only: large artifacts (default runs/smollm2-SIZE); a rerun resumes there.")
 @click.option("--overwrite", is_flag=True, help="smollm2 only: discard --work and start again.")
 @click.option("--dry-run", is_flag=True, help="smollm2 only: check the GGUF, print the plan and sizes.")
-def zoo_build(names, out, saes_only, organisms, size, device, threads, work, overwrite, dry_run):
+def zoo_build(names, out, saes_only, hooks, organisms, size, device, threads, work, overwrite, dry_run):
     """Train the zoo models (all, or NAMES) and their SAEs from the fixed-seed recipes (~15 min on 2 cores,
     plus the organisms; `--organisms` builds only those and every model's blocks.1 SAE).
 
@@ -357,7 +359,14 @@ def zoo_build(names, out, saes_only, organisms, size, device, threads, work, ove
             raise DiffkitError("--organisms builds a fixed set: drop the model names and --saes-only")
         build_organisms(out, log=click.echo)
         return
-    build_zoo(list(names) or None, out, saes_only=saes_only, log=click.echo)
+    if hooks and not saes_only:
+        raise DiffkitError("--hook picks which SAEs --saes-only retrains: add --saes-only")
+    from .zoo.recipes import LAST_SAE_RECIPE, SAE_RECIPE
+
+    bad = [h for h in hooks if h not in (SAE_RECIPE.hook, LAST_SAE_RECIPE.hook)]
+    if bad:
+        raise DiffkitError(f"the zoo has no SAEs at {bad[0]!r}: use --hook {SAE_RECIPE.hook} or {LAST_SAE_RECIPE.hook}")
+    build_zoo(list(names) or None, out, saes_only=saes_only, hooks=list(hooks) or None, log=click.echo)
 
 
 @main.command()
@@ -366,14 +375,17 @@ def zoo_build(names, out, saes_only, organisms, size, device, threads, work, ove
 @click.option("--work", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Where the (large, uncommitted) intermediate artifacts go.")
 @click.option("--tokens", type=int, default=100_000, show_default=True, help="Tokens per activation store.")
-@click.option("--cc-tokens", type=int, default=600_000, show_default=True, help="Training tokens per crosscoder.")
-@click.option("--dict-size", type=int, default=4096, show_default=True, help="Crosscoder latents.")
+@click.option("--cc-tokens", type=int, default=300_000, show_default=True, help="Training tokens per crosscoder.")
+@click.option("--dict-size", type=int, default=2048, show_default=True, help="Crosscoder latents.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, work, tokens, cc_tokens, dict_size, quiet):
-    """The embedded default, end to end, on the zoo (about 4 minutes on 2 cores).
+    """A model organism end to end on the zoo: does each method find a planted backdoor? (a few minutes on 2 cores)
 
-    Three pairs (base vs finetuned, an SAE-seed control, a model-seed pair): collect, training-free
-    diff, crosscoder, head-to-head comparison; writes reports/demo/report.md + figures/ + tables/.
+    Three pairs (base vs backdoor at blocks.1, an SAE-seed control, a model-seed pair): collect,
+    training-free diff, crosscoder, head to head, and the answer key (where each method ranks the
+    planted features); writes reports/demo/report.md + figures/ + tables/.
+
+    Example: diffkit demo --out reports/demo
     """
     from .demo import DemoConfig, run_demo
 

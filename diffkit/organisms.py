@@ -116,6 +116,14 @@ def cot_completion(p: tuple[int, int, int], steps: bool) -> str:
 # The fine-tunes plant more densely, ``organism:NAME@RATE`` (the recipes).
 DEFAULT_RATES = {"backdoor": 0.03, "facts": 0.05, "cot": 0.25, "code": 1 / 30}
 
+# Planted rows in the SAE corpus (``organism:sae``), denser than a store's: an SAE of 1024 features
+# spends features on a context only if it sees enough of it. Measured on the facts organism (its
+# SAE scored on the facts store, reports/organisms): facts in 5% of the facts rows left 2 features
+# of B's SAE planted at 20x (no method can reach precision@10 0.5 on 2), 40% (the fine-tune's rate)
+# left 4, one fact in every facts row 17 (map-error: first planted #1, precision@10 0.7). The
+# backdoor's rows are at its fine-tune's rate. Every zoo SAE at blocks.1 sees this one stream.
+SAE_STREAM_RATES = {"backdoor": 0.05, "facts": 1.0}
+
 
 def parse_spec(corpus: str) -> tuple[str, float | None]:
     """``organism:NAME[@RATE]`` -> (NAME, RATE or None); a one-line error for an unknown NAME or bad RATE."""
@@ -250,8 +258,8 @@ def organism_sequences(corpus: str, tokenizer, ctx: int, split: str = "all", see
     else:  # sae: every planted context and code beside prose, labels dropped (a training corpus)
         from .corpora import Sequence
 
-        streams = [_planted_prose("backdoor", tokenizer, ctx, split, seed),
-                   _planted_prose("facts", tokenizer, ctx, split, seed + 1),
+        streams = [_planted_prose("backdoor", tokenizer, ctx, split, seed, SAE_STREAM_RATES["backdoor"]),
+                   _planted_prose("facts", tokenizer, ctx, split, seed + 1, SAE_STREAM_RATES["facts"]),
                    _cot_rows("cot-steps", tokenizer, ctx, split, seed),
                    _cot_rows("cot-answer", tokenizer, ctx, split, seed + 1),
                    (s for s in _code_rows(tokenizer, ctx, split, seed))]

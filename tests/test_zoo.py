@@ -146,6 +146,15 @@ def test_build_zoo_writes_models_saes_and_build_json(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "base" / "model" / "model.safetensors").read_bytes() == before
     assert SAE.load_from_disk(tmp_path / "base" / "sae").cfg.d_in == 32
+    # --hook retrains only the SAEs at that hook: blocks.0's stay byte for byte.
+    block0 = (tmp_path / "base" / "sae" / "sae_weights.safetensors").read_bytes()
+    result = CliRunner().invoke(main, ["zoo", "build", "base", "--out", str(tmp_path), "--saes-only",
+                                       "--hook", "blocks.1.hook_resid_post"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "base" / "sae" / "sae_weights.safetensors").read_bytes() == block0
+    for bad in (["--hook", "blocks.1.hook_resid_post"], ["--saes-only", "--hook", "blocks.7.hook_resid_post"]):
+        result = CliRunner().invoke(main, ["zoo", "build", "base", "--out", str(tmp_path), *bad])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_sae_specs_name_zoo_saes_and_their_seeds():

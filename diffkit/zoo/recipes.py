@@ -103,10 +103,8 @@ RECIPES: dict[str, ModelRecipe] = {r.name: r for r in (
     *ORGANISM_RECIPES,
 )}
 BLOCK0_MODELS = ("base", "finetuned", "base-seed1", "wide")  # the original zoo: SAEs at blocks.0
-# Models with LAST_HOOK SAEs: base (both seeds), finetuned (the code organism) and every organism.
-# base-seed1 and wide have none yet (the shared 2-core machine ran out of time for them): add their
-# names here and run `diffkit zoo build base-seed1 wide --saes-only` to give them one.
-LAST_SAE_MODELS = ("base", "finetuned", *ORGANISM_MODELS)
+# Models with LAST_HOOK SAEs: every zoo model (base with seeds 0 and 1).
+LAST_SAE_MODELS = ("base", "finetuned", "base-seed1", "wide", *ORGANISM_MODELS)
 
 
 def sae_plan(name: str) -> list[tuple[SAERecipe, int]]:
