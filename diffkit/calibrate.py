@@ -42,10 +42,18 @@ Nulls and p-values (:func:`calibrate`):
   threshold), ``p = (1 + #{|null| ≥ |x|}) / (1 + N)``. Without one, the **model-free empirical
   null** (Efron 2004): ``z = (x − median) / (1.4826 · MAD)`` over the shared pairs, two-sided
   normal p — the bulk of the pairs is taken as unchanged.
+- **p_map_error** (every row, when the FeatureDiff has the map-error columns: ``align --rank-by
+  map-error``, or a :class:`diffkit.divergence.Divergence` on align's pass), statistic the
+  feature's ``map_err`` (the map's error where it fires over the mean error): the **model-free
+  empirical null** of :func:`map_error_p` over each SAE's live features; a shared pair gets twice
+  the smaller of its two sides' p (Bonferroni). No SAE noise moves it: the error is the models'.
+  On the organisms it is the call that finds planted features (``diffkit bench organisms``, its
+  "calibrated calls" table); the SAE-level tests above call none of them.
 - **q** = Benjamini–Hochberg adjusted p (``scipy.stats.false_discovery_control``), exclusive over
   the unmatched rows, changed over the shared rows. **verdict**: ``a_only`` / ``b_only`` when the
   row is unmatched and ``q_exclusive ≤ fdr``; ``unmatched`` when unmatched without model-level
-  evidence; ``changed`` when shared and ``q_changed ≤ fdr``; else ``shared``. With a seed SAE of
+  evidence; ``changed`` when shared and ``q_changed ≤ fdr``, or (any row not called exclusive)
+  ``q_map_error ≤ fdr`` (BH over all rows); else ``shared``. With a seed SAE of
   the row's model given, an exclusive verdict also needs the feature to be reproduced by it
   (``seed_cosine ≥`` the threshold): a feature one SAE seed found and another did not is SAE noise.
 
@@ -66,6 +74,7 @@ RIDGE = 1e-4
 N_CANDIDATES = 32
 N_PICK = 4
 DEFAULT_FDR = 0.1
+MAP_EXACT = 1e-6  # unexplained variance of a map below which its error is rounding (the same model twice)
 MIN_PAIR_CORR = 0.5  # a shared pair whose features do not co-fire (corr < this) is no one feature: no "changed" test
 _PAIR_ELEMENTS = 1 << 23  # rows × k² pair products per chunk in the co-activation sums
 
@@ -113,11 +122,12 @@ def empirical_p_upper(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return empirical_p_lower(-np.asarray(x, np.float64), -np.asarray(ref, np.float64))
 
 
-def robust_t_p(x: np.ndarray, dof: float = 3.0) -> np.ndarray:
-    """Two-sided p under an empirical null fitted to the bulk (Efron 2004, with heavier tails): x − median
-    ~ s · t_dof, s = MAD / (median |t_dof|); NaN x -> NaN. A normal null (dof → ∞) called 7% of the
-    correctly matched pairs of the seed-pair control "changed"; SAE noise in the ratio is heavy-tailed."""
-    from scipy.stats import t
+def robust_t_p(x: np.ndarray, dof: float | None = 3.0, upper: bool = False) -> np.ndarray:
+    """p under an empirical null fitted to the bulk (Efron 2004): x − median ~ s · t_dof (normal for
+    ``dof=None``), s = MAD / (median |t_dof|); two-sided, or one-sided for high x with ``upper``;
+    NaN x -> NaN. For the act-mass ratio, dof 3: a normal null called 7% of the correctly matched
+    pairs of the seed-pair control "changed"; SAE noise in the ratio is heavy-tailed."""
+    from scipy.stats import norm, t
 
     x = np.asarray(x, np.float64)
     ok = np.isfinite(x)
@@ -128,9 +138,24 @@ def robust_t_p(x: np.ndarray, dof: float = 3.0) -> np.ndarray:
     mad = np.median(np.abs(x[ok] - med))
     if mad <= 0:
         return p
-    scale = mad / t.ppf(0.75, dof)
-    p[ok] = 2 * t.sf(np.abs(x[ok] - med) / scale, dof)
+    dist = norm if dof is None else t(dof)
+    z = (x[ok] - med) / (mad / dist.ppf(0.75))
+    p[ok] = dist.sf(z) if upper else 2 * dist.sf(np.abs(z))
     return p
+
+
+def map_error_p(map_err: np.ndarray) -> np.ndarray:
+    """One-sided p of each feature's map error (:mod:`diffkit.divergence`'s ``map_err``, 1 = no more error
+    than anywhere) being this high: the model-free empirical null ``log map_err ~ N(median, (1.4826 MAD)²)``
+    over one SAE's live features, the bulk taken as unchanged. Normal, not t_3 as for the act-mass
+    ratio: on the organisms (reports/organisms, ``diffkit bench organisms``) t_3 called none of the
+    backdoor's planted features at FDR 10%, while the normal null called 1.3% of the features on the
+    null fine-tune; a fine-tune's changed features sit far out in the upper tail, the error of
+    unchanged ones is not heavy-tailed the way an SAE-noise ratio is. NaN (never fired) -> NaN."""
+    x = np.asarray(map_err, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logx = np.where(np.isfinite(x) & (x > 0), np.log(np.where(x > 0, x, 1.0)), np.nan)
+    return robust_t_p(logx, dof=None, upper=True)
 
 
 # -- streamed sums ---------------------------------------------------------------------------------
@@ -513,8 +538,35 @@ def _seed_pairs(side: str, sae: Any, null: SeedSums, mean_act: np.ndarray, thres
     return cos, lr[(mass[ia] > 0) & (mass_s[ib] > 0)]
 
 
-def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float, fdr: float = DEFAULT_FDR) -> dict:
-    """Add retention, many_to_one_r2, p/q columns and the verdict to ``table`` (in place); returns the summary part."""
+def _map_error_rows(table: Any, map_residual: dict | None) -> tuple[np.ndarray, str | None]:
+    """Per row p of "the map fails where this feature fires" (:func:`map_error_p` on each side's
+    ``map_err`` column; a shared pair: Bonferroni over its two sides), and the null's description;
+    (NaNs, None) without the columns. A side whose map is exact (unexplained variance < MAP_EXACT: the
+    same model twice) gets no test: its error is rounding, not a difference."""
+    p = np.full(len(table), np.nan)
+    if "map_err_a" not in table or "map_err_b" not in table:
+        return p, None
+    side_p, skipped = {}, []
+    for side in ("a", "b"):
+        resid = (map_residual or {}).get(side)
+        if resid is not None and resid < MAP_EXACT:
+            side_p[side] = np.full(len(table), np.nan)
+            skipped.append(side.upper())
+        else:
+            side_p[side] = map_error_p(table[f"map_err_{side}"].to_numpy())
+    pa, pb = side_p["a"], side_p["b"]
+    p = np.where(np.isfinite(pa) & np.isfinite(pb), np.minimum(1.0, 2 * np.fmin(pa, pb)), np.fmin(pa, pb))
+    note = ("model-free empirical null: log map_err over each SAE's live features ~ N(median, (1.4826 MAD)^2), "
+            "one-sided; a shared pair 2 x its smaller p")
+    if skipped:
+        note += f"; no test for {' and '.join(skipped)} (the map is exact: the same model)"
+    return p, note
+
+
+def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float, fdr: float = DEFAULT_FDR,
+              map_residual: dict | None = None) -> dict:
+    """Add retention, many_to_one_r2, p/q columns and the verdict to ``table`` (in place); returns the summary part.
+    ``map_residual``: {"a"|"b": the fitted map's unexplained variance fraction into that side}, for the map-error test."""
     probe: ProbeSums = accs["probe"]
     r2 = {(m, s): probe.r2(m, s) for m in ("a", "b") for s in ("a", "b")}
     ret = {}
@@ -576,6 +628,10 @@ def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float
                         f"{int(cofire.sum())} co-firing shared pairs, (x - median) ~ s t_3, s from the MAD, two-sided")
     table["p_changed"] = p_ch
     table["q_changed"] = benjamini_hochberg(p_ch)
+    p_map, null_map = _map_error_rows(table, map_residual)
+    if null_map is not None:
+        table["p_map_error"] = p_map
+        table["q_map_error"] = benjamini_hochberg(p_map)
     for side, cos in seed_cos.items():
         sc = np.full(len(table), np.nan)
         col = fa if side == "a" else fb
@@ -589,6 +645,11 @@ def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float
             call &= table[f"seed_cosine_{side}"].to_numpy() >= threshold
         verdict[call] = f"{side}_only"
     verdict[shared & (table.q_changed.to_numpy() <= fdr)] = "changed"
+    n_map = 0
+    if null_map is not None:
+        by_map = np.isin(verdict, ("shared", "unmatched", "changed")) & (table.q_map_error.to_numpy() <= fdr)
+        n_map = int(by_map.sum())
+        verdict[by_map] = "changed"
     table["verdict"] = verdict
     n_un = {s: int((kind == f"{s}_only").sum()) for s in ("a", "b")}
     n_call = {s: int((verdict == f"{s}_only").sum()) for s in ("a", "b")}
@@ -600,7 +661,8 @@ def calibrate(table: Any, accs: dict, stats: dict, saes: tuple, threshold: float
         "fdr": fdr,
         "calls": {"a_only": n_call["a"], "b_only": n_call["b"], "changed": int((verdict == "changed").sum()),
                   "unmatched_a": n_un["a"], "unmatched_b": n_un["b"], "shared": int(shared.sum())},
-        "null_exclusive": null_ex, "null_changed": null_changed,
+        "changed_by_map_error": n_map,
+        "null_exclusive": null_ex, "null_changed": null_changed, "null_map_error": null_map,
         "heldout_probe": "heldout" in probe.parts,
         "r2_own_median": {s: float(np.nanmedian(r2[(s, s)])) if np.isfinite(r2[(s, s)]).any() else float("nan")
                           for s in ("a", "b")},

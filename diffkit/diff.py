@@ -450,7 +450,8 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
         from .calibrate import calibrate
 
         t_cal = time.perf_counter()
-        summary["calibration"] = calibrate(table, cal, stats, (sae_a, sae_b), cfg.threshold, cfg.fdr)
+        summary["calibration"] = calibrate(table, cal, stats, (sae_a, sae_b), cfg.threshold, cfg.fdr,
+                                           map_residual=_map_residual(lmap))
         summary["seconds"]["calibrate"] = time.perf_counter() - t_cal
         summary["seconds"]["total"] = time.perf_counter() - t0
     contexts = {}
@@ -466,6 +467,17 @@ def _prepare(extra: Sequence[StatAccumulator], a_targets: np.ndarray, b_targets:
     for acc in extra:
         if hasattr(acc, "prepare"):
             acc.prepare(np.asarray(a_targets), np.asarray(b_targets), asg)
+
+
+def _map_residual(lmap: Any) -> dict:
+    """{"b": 1 − FVE of A→B, "a": 1 − FVE of B→A}, held-out where the fit had held-out tokens."""
+    out = {}
+    for side, name in (("b", "a_to_b"), ("a", "b_to_a")):
+        sc = getattr(lmap, "scores_", {}).get(name, {})
+        fve = sc.get("heldout_fve") if sc.get("heldout_fve") is not None else sc.get("train_fve")
+        if fve is not None and np.isfinite(fve):
+            out[side] = 1.0 - float(fve)
+    return out
 
 
 def _check_some_match(asg: Assignment, cfg: AlignConfig, sae_a: Any, sae_b: Any) -> None:
@@ -608,8 +620,10 @@ def format_summary(diff: FeatureDiff, top: int = 5) -> str:
              f"{s['counts']['b_only']} B-only (of {s['n_a']} A and {s['n_b']} B features; {s['tokens']:,} tokens)"]
     cal = s.get("calibration")
     if cal:
-        lines.append(f"calibrated: {cal['sentence']}; {cal['calls']['changed']} changed at FDR {100 * cal['fdr']:g}% "
-                     f"(of {cal['calls']['shared']} shared); null for changed: {cal['null_changed'].split(':')[0]}")
+        by_map = (f", {cal['changed_by_map_error']} of them where the map fails"
+                  if cal.get("null_map_error") else "")
+        lines.append(f"calibrated: {cal['sentence']}; {cal['calls']['changed']} changed at FDR {100 * cal['fdr']:g}%"
+                     f"{by_map}; null for changed: {cal['null_changed'].split(':')[0]}")
     for note in s["notes"]:
         lines.append(f"note: {note}")
     for side, name in (("a", "A"), ("b", "B")):

@@ -194,3 +194,49 @@ def test_sae_noise_control_gets_no_exclusive_call(tmp_path):
     assert not t.verdict.isin(["a_only", "b_only"]).any()
     unmatched = t[t.kind != "shared"]
     assert (unmatched.retention.dropna() > 0.5).all()  # the other model carries every one of them
+
+
+# -- the map-error test ---------------------------------------------------------------------------------
+
+def _lognormal_bulk(n: int, spread: float = 0.1) -> np.ndarray:
+    """Map errors of n unchanged features: exact normal quantiles on the log scale (no sampling)."""
+    from scipy.stats import norm
+
+    return np.exp(spread * norm.ppf((np.arange(n) + 0.5) / n))
+
+
+def test_map_error_p_calls_the_features_where_the_map_fails_and_not_the_bulk():
+    from diffkit.calibrate import map_error_p
+
+    bulk = _lognormal_bulk(995)
+    planted = np.array([1.8, 2.0, 2.5, 3.0, 4.0])       # 6 to 14 bulk SDs out on the log scale
+    x = np.concatenate([bulk, planted, [np.nan]])        # a feature that never fired: no test
+    p = map_error_p(x)
+    q = benjamini_hochberg(p)
+    assert np.isnan(p[-1]) and np.isnan(q[-1])
+    assert (q[995:1000] <= 0.01).all()
+    assert (q[:995] <= 0.1).sum() <= 1                   # at most the bulk's 0.9995 quantile rides along
+    assert (benjamini_hochberg(map_error_p(bulk)) <= 0.1).sum() == 0  # the bulk alone: no call
+    # One-sided: a feature with far *less* error than the bulk is no call.
+    assert map_error_p(np.concatenate([bulk, [0.2]]))[-1] > 0.99
+
+
+def test_map_error_rows_bonferroni_for_pairs_and_no_test_for_an_exact_map():
+    import pandas as pd
+
+    from diffkit.calibrate import _map_error_rows, map_error_p
+
+    bulk = _lognormal_bulk(200)
+    a, b = bulk.copy(), bulk[::-1].copy()
+    b[0] = 5.0  # B's feature 0 is where the map fails
+    table = pd.DataFrame({"map_err_a": a, "map_err_b": b})
+    p, note = _map_error_rows(table, {"a": 0.2, "b": 0.2})
+    pa, pb = map_error_p(a), map_error_p(b)
+    assert p[0] == pytest.approx(min(1.0, 2 * min(pa[0], pb[0]))) and p[0] < 1e-6
+    assert "empirical null" in note
+    # The same model twice: the map is exact, its error rounding; B gets no test, A still does.
+    p_exact, note = _map_error_rows(table, {"a": 0.2, "b": 1e-9})
+    assert np.allclose(p_exact, pa) and "no test for B" in note
+    # Without the divergence's columns there is nothing to test.
+    p_none, note = _map_error_rows(table[["map_err_a"]], None)
+    assert note is None and np.isnan(p_none).all()

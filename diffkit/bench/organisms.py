@@ -129,6 +129,7 @@ class CaseResult:
     token_error_planted: dict = field(default_factory=dict)  # for the figure: e_B/ē samples, planted vs not
     seconds: dict = field(default_factory=dict)
     estimators: dict = field(default_factory=dict)  # map-error estimator variant -> method_scores
+    calibrated: dict = field(default_factory=dict)  # align's calibrated verdict against the answer key
 
 
 ESTIMATOR_PRIORS = (0.0, 1.0, 3.0, 10.0, 20.0)
@@ -195,6 +196,59 @@ def _crosscoder_masses(cc_dir: Path, store: Any, labels: np.ndarray, n_labels: i
     return mass.numpy(), by_label.numpy()
 
 
+def _n_labels(store: Any) -> int:
+    labels = store.labels("all")
+    return max(len(store.label_names), int(labels.max()) + 1 if len(labels) else 1)
+
+
+def training_free_methods(store: Any, lmap: Any, sae_a: Any, sae_b: Any,
+                          align_cfg: Any = None) -> tuple[Any, Any, dict, dict]:
+    """align at its defaults (calibrated) with a :class:`diffkit.divergence.Divergence` on its one pass, over a
+    labelled store; returns (FeatureDiff, the divergence result, {method: MethodResult} ranking B's features,
+    {"sae_b": (mass, mass per label)} for the answer key). Shared by this benchmark and ``diffkit run``'s
+    answer-key stage."""
+    from ..diff import SHARED_SCORES, AlignConfig, align
+    from ..divergence import Divergence, split_positions
+
+    labels = store.labels("all")
+    with _quiet():
+        div = Divergence(lmap, store.n_tokens("all"), split_positions(store, "all"), int(store.config.ctx),
+                         sae_a.W_dec, sae_b.W_dec, labels=labels)
+        diff = align(store, sae_a, sae_b, lmap, align_cfg or AlignConfig(n_contexts=0), extra=[div])
+    res = div.result_
+    fb = res.features["b"]
+    n_b = sae_b.d_sae
+    table = diff.table
+    methods: dict[str, MethodResult] = {}
+    b_only = table[table.kind == "b_only"].sort_values("rank")
+    methods["align b-only"] = MethodResult(listed_scores(n_b, b_only.feature_b.to_numpy()), "sae_b",
+                                           note="B's unmatched features by activation mass; the rest unlisted")
+    shared = table[table.kind == "shared"]
+    for rk in ALIGN_RANKINGS:
+        methods[f"align {rk}"] = MethodResult(
+            listed_scores(n_b, shared.feature_b.to_numpy(), SHARED_SCORES[rk](shared).to_numpy()), "sae_b",
+            note="shared pairs by this ranking (item: the pair's B feature); unmatched B features unlisted")
+    methods["map-error"] = MethodResult(fb.map_err.to_numpy(), "sae_b", res.token_error["b"])
+    methods["activation-difference"] = MethodResult(fb.diff_cos.to_numpy(), "sae_b", res.token_diff)
+    methods["activation-difference-along"] = MethodResult(fb.diff_along.to_numpy(), "sae_b", res.token_diff)
+    bl_b = np.stack([fb[f"mass_label{l}"].to_numpy() if f"mass_label{l}" in fb else np.zeros(n_b)
+                     for l in range(_n_labels(store))])
+    return diff, res, methods, {"sae_b": (fb.mass.to_numpy(), bl_b)}
+
+
+def crosscoder_method(arch: str, cc_dir: Path, analysis_dir: Path, store: Any) -> tuple[MethodResult, tuple, Any]:
+    """A trained crosscoder as a method: its latents by relative decoder norm r (dead latents unlisted), from its
+    analysis's ``latents.parquet``, and their activation mass over the store and per label (one pass)."""
+    import pandas as pd
+
+    lat = pd.read_parquet(Path(analysis_dir) / "latents.parquet")
+    masses = _crosscoder_masses(Path(cc_dir), store, store.labels("all"), _n_labels(store))
+    r = lat.rel_norm_r_b.to_numpy().copy()
+    r[lat.dead.to_numpy()] = np.nan  # a dead latent is no verdict
+    return (MethodResult(r, f"crosscoder:{arch}", note="latents by relative decoder norm r = n_B/(n_A+n_B)"),
+            masses, lat)
+
+
 def _score_all(methods: dict[str, MethodResult], masses: dict[str, tuple], labels: np.ndarray) -> tuple[dict, dict]:
     """method_scores of every method at every factor; the default factor's at the top level."""
     planted = {items: {f: planted_by_label(m, {l: bl[l] for l in range(1, len(bl))}, labels, f) for f in FACTORS}
@@ -219,9 +273,8 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
     from baselines.crosscoder.analysis import AnalyzeConfig, analyze
     from baselines.crosscoder.train import TrainConfig, train
 
-    from ..diff import SHARED_SCORES, AlignConfig, align, store_tokenizer
-    from ..divergence import (Divergence, DivergenceConfig, promotions, split_positions, store_vocab,
-                              worst_tokens_frame)
+    from ..diff import store_tokenizer
+    from ..divergence import DivergenceConfig, promotions, store_vocab, worst_tokens_frame
     from ..linear_map import LinearMap
     from ..saes import load_sae
 
@@ -234,36 +287,15 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
     seconds["collect"] = time.perf_counter() - t
     labels = store.labels("all")
     names = store.label_names
-    n = store.n_tokens("all")
+    n, n_labels = store.n_tokens("all"), _n_labels(store)
 
     t = time.perf_counter()
     with _quiet():
         lmap = LinearMap().fit(store)
         sae_a, sae_b = (load_sae(_at_hook(spec, cfg.hook)) for spec in (case.sae_a, case.sae_b))
-        div = Divergence(lmap, n, split_positions(store, "all"), int(store.config.ctx), sae_a.W_dec, sae_b.W_dec,
-                         labels=labels)
-        diff = align(store, sae_a, sae_b, lmap, AlignConfig(n_contexts=0), extra=[div])
-    res = div.result_
+    diff, res, methods, masses = training_free_methods(store, lmap, sae_a, sae_b)
     seconds["align + divergence"] = time.perf_counter() - t
     fb = res.features["b"]
-    n_b = sae_b.d_sae
-    table = diff.table
-    methods: dict[str, MethodResult] = {}
-    b_only = table[table.kind == "b_only"].sort_values("rank")
-    methods["align b-only"] = MethodResult(listed_scores(n_b, b_only.feature_b.to_numpy()), "sae_b",
-                                           note="B's unmatched features by activation mass; the rest unlisted")
-    shared = table[table.kind == "shared"]
-    for rk in ALIGN_RANKINGS:
-        methods[f"align {rk}"] = MethodResult(
-            listed_scores(n_b, shared.feature_b.to_numpy(), SHARED_SCORES[rk](shared).to_numpy()), "sae_b",
-            note="shared pairs by this ranking (item: the pair's B feature); unmatched B features unlisted")
-    methods["map-error"] = MethodResult(fb.map_err.to_numpy(), "sae_b", res.token_error["b"])
-    methods["activation-difference"] = MethodResult(fb.diff_cos.to_numpy(), "sae_b", res.token_diff)
-    methods["activation-difference-along"] = MethodResult(fb.diff_along.to_numpy(), "sae_b", res.token_diff)
-    n_labels = max(len(names), int(labels.max()) + 1 if len(labels) else 1)
-    bl_b = np.stack([fb[f"mass_label{l}"].to_numpy() if f"mass_label{l}" in fb else np.zeros(n_b)
-                     for l in range(n_labels)])
-    masses = {"sae_b": (fb.mass.to_numpy(), bl_b)}
 
     t = time.perf_counter()
     cc_info = {}
@@ -277,18 +309,16 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
             summary = train(tcfg, progress=False, threads=cfg.threads, log=lambda _: None)
             analyze(AnalyzeConfig(crosscoder=str(out), acts=str(root / "store"), out=str(root / f"analysis-{arch}"),
                                   split="all", n_contexts=0, top_n=0), progress=False)
-        lat = pd.read_parquet(root / f"analysis-{arch}" / "latents.parquet")
-        mass, by_label = _crosscoder_masses(out, store, labels, n_labels)
-        items = f"crosscoder:{arch}"
-        masses[items] = (mass, by_label)
-        r = lat.rel_norm_r_b.to_numpy().copy()
-        r[lat.dead.to_numpy()] = np.nan  # a dead latent is no verdict
-        methods[f"crosscoder {arch}"] = MethodResult(r, items, note="latents by relative decoder norm r = n_B/(n_A+n_B)")
+        method, masses[f"crosscoder:{arch}"], lat = crosscoder_method(arch, out, root / f"analysis-{arch}", store)
+        methods[f"crosscoder {arch}"] = method
         cc_info[arch] = {"fve_a": summary["heldout"].get("fve_a"), "fve_b": summary["heldout"].get("fve_b"),
-                         "counts": lat.label.value_counts().to_dict(), "r": r, "labels": lat.label.to_numpy()}
+                         "counts": lat.label.value_counts().to_dict(), "r": method.scores,
+                         "labels": lat.label.to_numpy()}
     seconds["crosscoders"] = time.perf_counter() - t
 
     metrics, counts, planted = _score_all(methods, masses, labels)
+    calibrated = calibrated_calls(diff.table, diff.summary.get("calibration", {}), planted["sae_b"][DEFAULT_FACTOR],
+                                  live_features(diff.table))
     estimators = estimator_sweep(fb, res.mean_error["b"], planted["sae_b"][DEFAULT_FACTOR])
     for arch, info in cc_info.items():
         p = planted[f"crosscoder:{arch}"][DEFAULT_FACTOR]
@@ -318,9 +348,35 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
                                    for l in range(1, n_labels)},
                       label_names=names, metrics=metrics, planted_counts=counts, worst=worst, top_map_error=top,
                       crosscoder=cc_info, map_fve={d: lmap.scores_[d]["heldout_fve"] for d in lmap.scores_},
-                      promoted=promoted, estimators=estimators,
+                      promoted=promoted, estimators=estimators, calibrated=calibrated,
                       token_error_planted={"planted": rel[labels > 0].tolist(), "ordinary": rel[sample].tolist()},
                       seconds=seconds)
+
+
+def calibrated_calls(table: Any, calibration: dict, planted_b: np.ndarray, live: int) -> dict:
+    """align's calibrated verdict against the answer key (pure): how many features it calls (exclusive or
+    changed, at the FDR), as a share of the live features of both SAEs, and which of B's planted features
+    are among them. A called shared pair counts its two features."""
+    if "verdict" not in table:
+        return {}
+    called = table[table.verdict.isin(["a_only", "b_only", "changed"])]
+    fa, fb = called.feature_a.to_numpy(), called.feature_b.to_numpy()
+    called_b = np.unique(fb[fb >= 0])
+    n_called = int((fa >= 0).sum() + (fb >= 0).sum())
+    planted_b = np.asarray(planted_b, bool)
+    hit = int(planted_b[called_b].sum())
+    return {"fdr": calibration.get("fdr"), "calls": calibration.get("calls", {}),
+            "changed_by_map_error": calibration.get("changed_by_map_error", 0),
+            "called_features": n_called, "live_features": live,
+            "called_share_of_live": n_called / live if live else None,
+            "planted_b": int(planted_b.sum()), "planted_b_called": hit,
+            "called_b_planted_share": hit / len(called_b) if len(called_b) else None,
+            "planted_b_called_ids": [int(i) for i in called_b[planted_b[called_b]]]}
+
+
+def live_features(table: Any) -> int:
+    """Features of both SAEs that fired on the store (freq > 0), from a FeatureDiff table."""
+    return int(sum(((table[f"feature_{s}"] >= 0) & (table[f"freq_{s}"] > 0)).sum() for s in ("a", "b")))
 
 
 def _at_hook(spec: str, hook: str) -> str:
