@@ -1,10 +1,12 @@
-"""``diffkit demo``: the embedded default, end to end, on the zoo, in a few minutes on 2 cores.
+"""``diffkit demo``: a model organism, end to end, on the zoo, in a few minutes on 2 cores.
 
 The demo is the pipeline (:mod:`diffkit.pipeline`) on its packaged config,
 ``diffkit/pipeline/configs/demo.toml`` (``diffkit run`` of that file does the same). Three pairs, so
 that both methods can be read against controls:
 
-- **diff**: zoo:base vs zoo:finetuned, each with its own SAE — the question;
+- **diff**: zoo:base vs zoo:backdoor (a planted trigger and response, marked token by token in the
+  store's corpus, ``organism:backdoor``), each with its own SAE at ``blocks.1`` — the question, with
+  its answer known: the report leads with where each method ranks the planted features;
 - **SAE-seed control**: zoo:base vs itself, its SAE vs one trained from another seed (the
   crosscoder sees two identical models) — the noise floor of each method;
 - **model-seed pair**: zoo:base vs zoo:base-seed1 — another network trained the same way.
@@ -26,8 +28,8 @@ class DemoConfig:
     """The demo's command-line sizes (saved as ``demo_config.json``; the resolved pipeline config is ``config.json``)."""
 
     tokens: int = 100_000           # per activation store
-    cc_tokens: int = 600_000        # crosscoder training tokens (the zoo recipe: ~49 s on 2 threads)
-    cc_dict_size: int = 4096
+    cc_tokens: int = 300_000        # crosscoder training tokens (the organisms benchmark's size)
+    cc_dict_size: int = 2048
     cc_k: int = 32
     cc_batch_size: int = 2048
     cc_lr: float = 1e-3

@@ -1,5 +1,5 @@
 """``diffkit demo`` in a reduced mode (3,000 tokens per store, tiny crosscoders): every stage runs and
-the report is well-formed, with the controls where they belong."""
+the report is well-formed, leads with the organism's answer key, with the controls where they belong."""
 
 import json
 import re
@@ -15,13 +15,19 @@ def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
     cfg = DemoConfig(tokens=3000, cc_tokens=4096, cc_dict_size=256, cc_batch_size=512)
     lines = []
     report = run_demo(tmp_path / "report", tmp_path / "work", cfg, log=lines.append)
-    stages = ["losses", "collect", "saes", "map", "align", "crosscoder", "compare", "report"]  # the pipeline's
-    assert [line for line in lines if line.startswith("[")] == [f"[{i}/8] {s}" for i, s in enumerate(stages, 1)]
+    stages = ["losses", "collect", "saes", "map", "align", "crosscoder", "compare", "answer", "report"]  # the pipeline's
+    assert [line for line in lines if line.startswith("[")] == [f"[{i}/9] {s}" for i, s in enumerate(stages, 1)]
     text = check_report(report, "diffkit demo")
-    assert "| diff | `zoo:base` | `zoo:finetuned` | 3,000 |" in text
+    assert "| diff | `zoo:base` | `zoo:backdoor` | 3,000 |" in text
+    # The organism's answer key leads the report: each method's rank of B's first planted feature.
+    lead = text[:text.index("Two ways to find")]
+    assert "`organism:backdoor` marks the tokens" in lead and "| map-error |" in lead
+    assert (report.parent / "tables" / "answer_key.csv").exists()
     assert "| same | `zoo:base` | `zoo:base` | 3,000 |" in text
+    assert "| sae-seed control | base vs base, SAE seed 0 vs 1 |" in text  # zoo:base@seed1/blocks.1 is seed 1
     assert re.search(r"\bnan\b", text, flags=re.I) is None  # missing numbers read n/a
     head = text[text.index("## Head to head"):text.index("## What was compared")]
+    assert "align at FDR 10%: A-only / B-only / changed" in head and "crosscoder at FDR 10%" in head
     assert [line.split("|")[1].strip() for line in head.splitlines() if line.startswith("| ") and "---" not in line][1:] \
         == ["diff", "sae-seed control", "model-seed pair"]
     # The SAE-seed control runs on the identical-model store: its map is exact, and the report reads the

@@ -108,11 +108,11 @@ def test_help_and_dry_run_load_no_model(tmp_path):
 def test_stale_stages_follow_the_data_flow():
     cfg = from_dict({"models": {"a": "zoo:base", "b": "zoo:finetuned"}, "data": {"hook": "blocks.0.hook_resid_post"}})
     assert stale_stages(cfg, replace(cfg, threads=1, device="cuda", out="elsewhere")) == []
-    assert stale_stages(cfg, replace(cfg, crosscoder=replace(cfg.crosscoder, k=4))) == ["crosscoder", "compare"]
+    assert stale_stages(cfg, replace(cfg, crosscoder=replace(cfg.crosscoder, k=4))) == ["crosscoder", "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, saes=replace(cfg.saes, null="zoo:base@seed1"))) == ["saes", "align",
-                                                                                              "compare"]
+                                                                                              "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, data=replace(cfg.data, tokens=5))) == \
-        ["collect", "saes", "map", "align", "crosscoder", "compare"]
+        ["collect", "saes", "map", "align", "crosscoder", "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, report=replace(cfg.report, losses=True))) == ["losses"]
     assert stale_stages(cfg, replace(cfg, report=replace(cfg.report, title="t"))) == []
 

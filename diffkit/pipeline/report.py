@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from .stages import RUN_ROLES, Context, pairs, run_dir, run_what, runs
+from .stages import RUN_ROLES, Context, model_b, pairs, run_dir, run_what, runs
 
 RUN_TEXT = {"diff": "{a} vs {b} with their own SAEs",
             "sae-seed control": "{what} (the crosscoder sees two identical models): the noise floor of both methods",
@@ -48,6 +48,64 @@ def preamble(ctx: Context, tables) -> list[str]:
     return lines
 
 
+HEADLINE_METHODS = ("map-error", "align b-only", "align act-mass", "align enc-norm", "activation-difference",
+                    "activation-difference-along", "crosscoder batchtopk")
+
+
+def _rank(x) -> str:
+    return "none planted" if x is None else (f"#{x:.0f}" if float(x).is_integer() else f"#{x:.1f}")
+
+
+def finding(ctx: Context, tables) -> list[str]:
+    """The found answer, first in the report: where each method ranks B's first planted feature on the
+    diff, and its precision@10 on the controls (where every hit is a false positive); align's calibrated calls."""
+    import pandas as pd
+
+    from ..report.markdown import fmt_num
+
+    answer = ctx.results.get("answer", {}).get("runs", {})
+    if "diff" not in answer:
+        return []
+    main, controls = answer["diff"], [r for r in answer if r != "diff"]
+    m = main["metrics"]
+    n_planted = main["planted_counts"]["sae_b"]["20"]
+    shown = [k for k in HEADLINE_METHODS if k in m]
+    best = min(shown, key=lambda k: (m[k]["first_planted_rank"] is None, m[k]["first_planted_rank"] or 0))
+    rates = ", ".join(f"{k} {100 * v:.2f}%" for k, v in main["label_rates"].items())
+    b = model_b(ctx.cfg) if ctx.cfg.models.b != "finetune" else "the fine-tune"
+    parts = [f"{_rank(m[k]['first_planted_rank'])} by {k}" for k in shown
+             if k in ("map-error", "align b-only", "crosscoder batchtopk", "activation-difference")]
+    found = m[best]["first_planted_rank"] is not None and m[best]["first_planted_rank"] <= 10
+    head = "The planted change is found." if found else "No method ranks a planted feature in its top 10."
+    lines = [f"**{head}** `{ctx.cfg.data.corpus}` marks the tokens where `{b}` was changed "
+             f"({rates} of the store); {n_planted} of B's SAE features put ≥ 20× their share of activation mass "
+             f"there (*planted*). B's first planted feature is " + ", ".join(parts) +
+             f" (best: **{best}**, {_rank(m[best]['first_planted_rank'])}, precision@10 "
+             f"{fmt_num(m[best]['precision_at_10'], 2)}).", ""]
+    cal = main.get("calibrated") or {}
+    if cal:
+        lines[-2] += (f" At FDR {100 * cal['fdr']:g}% align calls {cal['called_features']} of {cal['live_features']} "
+                      f"live features ({cal['changed_by_map_error']} changed where the map fails), "
+                      f"{cal['planted_b_called']} of the {cal['planted_b']} planted among them")
+        ctrl = [f"{r} {answer[r]['calibrated']['called_features']} ({100 * answer[r]['calibrated']['called_share_of_live']:.1f}%)"
+                for r in controls if answer[r].get("calibrated")]
+        lines[-2] += ("; the same calls on the controls: " + ", ".join(ctrl) + "." if ctrl else ".")
+    rows = []
+    for k in shown:
+        row = {"method": k, "first planted rank": m[k]["first_planted_rank"], "precision@10": m[k]["precision_at_10"],
+               "token AUROC": m[k].get("token_auroc")}
+        for r in controls:
+            row[f"{r}: precision@10"] = answer[r]["metrics"].get(k, {}).get("precision_at_10")
+        rows.append(row)
+    fmt = {c: (lambda v: fmt_num(v, 2)) for c in rows[0] if "precision" in c}
+    fmt["first planted rank"] = lambda v: "–" if v is None else fmt_num(v, 0 if float(v).is_integer() else 1)
+    lines += ["Each method's list of B's features (“B has it, A does not / changed”) against the answer key; on "
+              "the controls every planted hit is a false positive (formulas: `diffkit bench organisms`, "
+              "[reports/organisms](../organisms/report.md)).", "",
+              *tables.add("answer_key", pd.DataFrame(rows), fmt=fmt)]
+    return lines
+
+
 def footer(ctx: Context, tables) -> list[str]:
     import torch
 
@@ -75,4 +133,4 @@ def write(ctx: Context) -> Path:
     else:
         pre = preamble(ctx, tables)
     return write_report(ctx.out, loaded, ctx.command, title=ctx.cfg.report.title, preamble=pre,
-                        footer=footer(ctx, tables), tables=tables)
+                        footer=footer(ctx, tables), tables=tables, finding=finding(ctx, tables))

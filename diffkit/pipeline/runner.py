@@ -17,18 +17,21 @@ from typing import Callable
 from ..errors import DiffkitError
 from .config import PipelineConfig, flat, from_dict
 
-STAGES = ("finetune", "losses", "collect", "saes", "map", "align", "crosscoder", "compare", "report")
+STAGES = ("finetune", "losses", "collect", "saes", "map", "align", "crosscoder", "compare", "answer", "report")
 # The options each stage reads (a dotted key, or a section ending in "."). Options not named here
 # (threads, device, work, out, report.*) change how a stage runs or where its output goes, not what it makes.
 DEPENDS = {"finetune": ("models.", "finetune.", "seed"),
            "losses": ("models.", "controls.", "report.losses", "report.loss_sequences"), "collect": ("models.", "data.", "seed", "controls."),
-           "saes": ("saes.",), "map": (), "align": (), "crosscoder": ("crosscoder.", "seed"), "compare": ("compare.",)}
+           "saes": ("saes.",), "map": (), "align": (), "crosscoder": ("crosscoder.", "seed"), "compare": ("compare.",), "answer": ()}
 INPUTS = {"finetune": (), "losses": ("finetune",), "collect": ("finetune",), "saes": ("collect",), "map": ("collect",), "align": ("saes", "map"),
-          "crosscoder": ("collect",), "compare": ("align", "crosscoder")}
+          "crosscoder": ("collect",), "compare": ("align", "crosscoder"), "answer": ("align", "compare")}
 
 
 def active_stages(cfg: PipelineConfig) -> list[str]:
-    skip = {"losses": not cfg.report.losses, "finetune": cfg.models.b != "finetune"}
+    from ..organisms import label_names
+
+    keyed = len(label_names(cfg.data.corpus) or ()) > 1  # an organism corpus: its stores carry an answer key
+    skip = {"losses": not cfg.report.losses, "finetune": cfg.models.b != "finetune", "answer": not keyed}
     return [s for s in STAGES if not skip.get(s)]
 
 

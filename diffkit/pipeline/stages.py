@@ -94,7 +94,7 @@ def _sae_seed(cfg: PipelineConfig, spec: str) -> int | None:
     if spec == "train":
         return cfg.saes.train.seed
     if spec.startswith("zoo:"):
-        _, _, seed = spec.partition("@")
+        _, _, seed = spec.split("/")[0].partition("@")  # zoo:NAME[@seedN][/blocks.1]
         return int(seed[4:]) if seed.startswith("seed") and seed[4:].isdigit() else 0
     return None
 
@@ -237,16 +237,101 @@ def stage_align(ctx: Context) -> dict:
         store_label, role_a, role_b, _ = RUN_ROLES[run]
         acts = ctx.work / f"store-{store_label}"
         spec_a, spec_b = saes[role_a]["spec"], saes[role_b]["spec"]
+        store, out = ActivationStore.open(acts), run_dir(ctx.work, "align", run)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            diff = align(ActivationStore.open(acts), load_sae(spec_a, device=ctx.cfg.device),
-                         load_sae(spec_b, device=ctx.cfg.device), LinearMap.load(maps[store_label]),
-                         AlignConfig(device=ctx.cfg.device))
-        save_diff(diff, run_dir(ctx.work, "align", run), {"acts": str(acts), "sae_a": spec_a, "sae_b": spec_b,
-                                                          "map": maps[store_label]})
+            sae_a, sae_b = load_sae(spec_a, device=ctx.cfg.device), load_sae(spec_b, device=ctx.cfg.device)
+            lmap, acfg = LinearMap.load(maps[store_label]), AlignConfig(device=ctx.cfg.device)
+            if store.has_labels:  # an answer key: the divergence rides on align's pass, its rankings are kept
+                from ..bench.organisms import training_free_methods
+
+                diff, _, methods, masses = training_free_methods(store, lmap, sae_a, sae_b, acfg)
+            else:
+                diff = align(store, sae_a, sae_b, lmap, acfg)
+        save_diff(diff, out, {"acts": str(acts), "sae_a": spec_a, "sae_b": spec_b, "map": maps[store_label]})
+        rankings = save_rankings(out / RANKINGS, methods, masses["sae_b"]) if store.has_labels else None
         s = diff.summary
-        result[run] = {"counts": s["counts"], "threshold": s["threshold"], "n_a": s["n_a"], "n_b": s["n_b"]}
+        result[run] = {"counts": s["counts"], "threshold": s["threshold"], "n_a": s["n_a"], "n_b": s["n_b"],
+                       **({"rankings_sha256": rankings} if rankings else {})}
     return result
+
+
+RANKINGS = "rankings.npz"  # beside a labelled store's diff: each method's scores of B's features, for the answer stage
+
+
+def save_rankings(path: Path, methods: dict, sae_b_masses: tuple) -> str:
+    """Each method's per-item scores (and per-token scores), and B's features' mass per label (atomic npz);
+    returns its sha256 (the align stage's marker records it, the answer stage checks it)."""
+    import io
+
+    import numpy as np
+
+    from ..io import atomic_write_bytes, sha256_bytes
+
+    arrays = {"mass_b": sae_b_masses[0], "mass_b_by_label": sae_b_masses[1]}
+    for i, (name, m) in enumerate(methods.items()):
+        arrays[f"scores_{i}"] = m.scores
+        if m.token_scores is not None:
+            arrays[f"tokens_{i}"] = m.token_scores
+    arrays["names"] = np.array(list(methods), dtype=str)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return sha256_bytes(buf.getvalue())
+
+
+def load_rankings(path: Path, sha256: str | None) -> tuple[dict, tuple]:
+    """(methods, (mass_b, mass_b_by_label)) as :func:`save_rankings` wrote them, checked against ``sha256``."""
+    import numpy as np
+
+    from ..bench.organisms import MethodResult
+    from ..errors import DiffkitError
+    from ..io import verify_sha256
+
+    verify_sha256(path, sha256, "rerun the align stage (remove its marker stages/align.json)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        names = [str(n) for n in z["names"]]
+        methods = {n: MethodResult(z[f"scores_{i}"], "sae_b", z[f"tokens_{i}"] if f"tokens_{i}" in z else None)
+                   for i, n in enumerate(names)}
+        return methods, (z["mass_b"], z["mass_b_by_label"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise DiffkitError(f"{path} cannot be read ({exc}): rerun the align stage (remove its marker "
+                           f"stages/align.json)") from None
+
+
+def stage_answer(ctx: Context) -> dict:
+    """Every method against the store's answer key (a labelled corpus, ``organism:NAME``), run by run: the
+    rank of B's first planted feature, precision@10, token AUROC, and align's calibrated calls
+    (:mod:`diffkit.bench.organisms_score`, the organisms benchmark's own scoring)."""
+    from ..activations import ActivationStore
+    from ..bench.organisms import _score_all, calibrated_calls, crosscoder_method, live_features
+    from ..bench.organisms_score import DEFAULT_FACTOR
+    from ..compare import ANALYSIS_DIR
+    from ..diff import load_diff_json, load_table
+
+    result = {}
+    for run in runs(ctx.cfg):
+        label = RUN_ROLES[run][0]
+        store = ActivationStore.open(ctx.work / f"store-{label}")
+        if not store.has_labels:
+            continue
+        align_dir = run_dir(ctx.work, "align", run)
+        methods, mass_b = load_rankings(align_dir / RANKINGS, ctx.results["align"][run].get("rankings_sha256"))
+        masses = {"sae_b": mass_b}
+        if "crosscoder" in ctx.cfg.methods:
+            cc, masses["crosscoder:batchtopk"], _ = crosscoder_method(
+                "batchtopk", ctx.work / f"crosscoder-{label}", run_dir(ctx.work, "compare", run) / ANALYSIS_DIR, store)
+            methods["crosscoder batchtopk"] = cc
+        labels = store.labels("all")
+        metrics, counts, planted = _score_all(methods, masses, labels)
+        table, summary = load_table(align_dir), load_diff_json(align_dir, "summary.json")
+        result[run] = {"metrics": {m: {k: v for k, v in e.items() if k != "at_factor"} for m, e in metrics.items()},
+                       "planted_counts": counts,
+                       "calibrated": calibrated_calls(table, summary.get("calibration", {}),
+                                                      planted["sae_b"][DEFAULT_FACTOR], live_features(table)),
+                       "label_rates": {n: float((labels == i).mean()) for i, n in enumerate(store.label_names) if i}}
+    return {"runs": result, "factor": DEFAULT_FACTOR}
 
 
 def stage_crosscoder(ctx: Context) -> dict:
@@ -288,4 +373,5 @@ def stage_report(ctx: Context) -> dict:
 
 
 STAGE_FNS = {"finetune": stage_finetune, "losses": stage_losses, "collect": stage_collect, "saes": stage_saes, "map": stage_map,
-             "align": stage_align, "crosscoder": stage_crosscoder, "compare": stage_compare, "report": stage_report}
+             "align": stage_align, "crosscoder": stage_crosscoder, "compare": stage_compare, "answer": stage_answer,
+             "report": stage_report}

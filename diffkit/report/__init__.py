@@ -83,10 +83,12 @@ def start_report(out: str | Path, command: str) -> Tables:
 
 
 def write_report(out: str | Path, runs: Sequence[RunData], command: str, title: str = "diffkit: head to head",
-                 preamble: Sequence[str] = (), footer: Sequence[str] = (), tables: Tables | None = None) -> Path:
+                 preamble: Sequence[str] = (), footer: Sequence[str] = (), tables: Tables | None = None,
+                 finding: Sequence[str] = ()) -> Path:
     """Write ``out/report.md``, ``out/figures/*.png`` and ``out/tables/*.csv`` for ``runs`` (main first).
 
     ``command`` is the command that regenerates the report (named under every figure and table);
+    ``finding`` markdown lines go first, under the title (a found answer leads the report);
     ``preamble`` markdown lines go after the introduction; ``tables`` is the writer they used (from
     :func:`start_report`), if any; without it stale figures and tables in ``out`` are removed first.
     """
@@ -106,7 +108,7 @@ def write_report(out: str | Path, runs: Sequence[RunData], command: str, title: 
     figures.precision_at_k(runs, figs / "precision_at_k.png", command)
     head, _ = sections.headline(runs, tables)
     s = main.summary
-    lines = [f"<!-- Written by `{command}`. Regenerate with: {command} -->", f"# {title}", "",
+    lines = [f"<!-- Written by `{command}`. Regenerate with: {command} -->", f"# {title}", "", *finding,
              f"Two ways to find the features two models share and the ones only one has, run on the same activations "
              f"and compared: the **training-free diff** (`diffkit align`: a least-squares map between the activation "
              f"spaces, the models' own SAEs matched one-to-one through it) and the **crosscoder** baseline (one sparse "

@@ -41,8 +41,9 @@ def headline(runs: list, tables: Tables) -> tuple[list[str], Any]:
                      "wall s align / crosscoder": _pair(tot["align"]["seconds"], tot["crosscoder"]["seconds"], 1)})
     df = pd.DataFrame(rows)
     intro = ["*align*: SAE features unmatched at the similarity threshold are A-only / B-only. *crosscoder*: live",
-             "latents with r ≤ 0.1 / r ≥ 0.9. *at FDR*: the calls of each that survive the null of",
-             "`diffkit.calibrate` (retention of the feature's activation in the other model's residual, BH q ≤ the FDR).",
+             "latents with r ≤ 0.1 / r ≥ 0.9. *at FDR*: the calls of each that survive the nulls of",
+             "`diffkit.calibrate` (exclusive: retention of the feature's activation in the other model's residual;",
+             "changed: the act-mass ratio of a pair, or the map's error where the feature fires; BH q ≤ the FDR).",
              "*exclusivity ρ*: Spearman correlation of the two methods' exclusivity",
              "scores on the SAE features both can see. FVE on the store's held-out tokens, one formula for all.",
              "Wall time end to end from the same store (map fit + alignment; crosscoder training + analysis).", ""]
@@ -55,8 +56,8 @@ def _calibrated_counts(s: dict) -> dict:
     cal, ccal = s["align"].get("calibration"), s["analysis"].get("calibration")
     if cal:
         c = cal["calls"]
-        out[f"align at FDR {100 * cal['fdr']:g}%: A-only / B-only"] = (f"{c['a_only']:,} / {c['b_only']:,} (of "
-                                                                      f"{c['unmatched_a']:,} / {c['unmatched_b']:,})")
+        out[f"align at FDR {100 * cal['fdr']:g}%: A-only / B-only / changed"] = (
+            f"{c['a_only']:,} / {c['b_only']:,} (of {c['unmatched_a']:,} / {c['unmatched_b']:,}) / {c['changed']:,}")
     if ccal:
         out[f"crosscoder at FDR {100 * ccal['fdr']:g}%: A-only / B-only"] = (
             f"{ccal['calls']['A-only']:,} / {ccal['calls']['B-only']:,}")
