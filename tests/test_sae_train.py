@@ -197,10 +197,14 @@ def test_missing_store_and_small_store(tmp_path, zoo_store):
 
 
 def test_same_weights_as_the_zoo_trainer(tmp_path):
-    """Pins the claim that diffkit/zoo/build.py:train_sae can become a thin call of train_sae: on the zoo's
-    settings (raw activations, its batch sampler, its seed) both give bit-identical weights."""
+    """diffkit/zoo/build.py:train_sae is a thin call of train_sae; on the zoo's settings (raw activations, its
+    batch sampler, its seed) it gives bit for bit the weights of the zoo's earlier direct call of sae-lens's
+    SAETrainer.fit (written out here as the reference), so the committed zoo SAEs stay reproducible."""
     import math
     from dataclasses import replace
+
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
 
     from diffkit.models import load_model
     from diffkit.zoo.build import sequence_matrix, token_activations, train_sae as zoo_train_sae
@@ -208,14 +212,22 @@ def test_same_weights_as_the_zoo_trainer(tmp_path):
 
     model = load_model("zoo:base").model
     recipe = replace(SAE_RECIPE, corpus="prose", d_sae=128, steps=100, tokens=3000, batch_size=256)
-    zoo_train_sae(model, recipe, "base", tmp_path / "zoo")
+    rec = zoo_train_sae(model, recipe, "base", tmp_path / "zoo")
+    assert 0 < rec["fvu"] < 1 and rec["l0"] <= recipe.k
     ids, lengths = sequence_matrix(recipe.corpus, "train", model.cfg.n_ctx, seed=recipe.seed,
                                    limit=math.ceil(recipe.tokens / (model.cfg.n_ctx - 1)))
     acts = token_activations(model, recipe.hook, ids, lengths)
     gen = torch.Generator().manual_seed(recipe.seed)
     batches = (acts[torch.randint(0, len(acts), (recipe.batch_size,), generator=gen)] for _ in iter(int, 1))
-    cfg = SAETrainConfig(d_sae=recipe.d_sae, k=recipe.k, tokens=recipe.steps * recipe.batch_size,
-                         batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, normalize=False)
-    train_sae(batches, 128, cfg, tmp_path / "ours", recipe.hook, progress=False)
-    zoo, ours = (load_file(str(tmp_path / d / "sae_weights.safetensors")) for d in ("zoo", "ours"))
-    assert zoo.keys() == ours.keys() and all(torch.equal(zoo[k], ours[k]) for k in zoo)
+    torch.manual_seed(recipe.seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=recipe.d_sae, k=recipe.k))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=recipe.steps * recipe.batch_size, train_batch_size_samples=recipe.batch_size,
+        lr=recipe.lr, lr_end=recipe.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=50,
+        lr_decay_steps=recipe.steps // 5, n_restart_cycles=1, adam_beta1=0.9, adam_beta2=0.999, device="cpu",
+        autocast=False, dead_feature_window=400, feature_sampling_window=400, n_checkpoints=0,
+        checkpoint_path=None, save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=10)
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches).fit().save_inference_model(str(tmp_path / "ref"))
+    zoo, ref = (load_file(str(tmp_path / d / "sae_weights.safetensors")) for d in ("zoo", "ref"))
+    assert zoo.keys() == ref.keys() and all(torch.equal(zoo[k], ref[k]) for k in zoo)

@@ -32,14 +32,18 @@ TOK = ByteTokenizer()
 N_CONTEXTS = 48  # held-out prose prefixes for backdoor prompts
 
 
-def _prefixes(n: int, seed: int = 0, max_len: int = 60) -> list[np.ndarray]:
-    """Held-out prose prefixes that end just after a whitespace (where the corpus inserts planted text)."""
+def _prefixes(n: int, seed: int = 0, max_len: int = 60, tok: Any = TOK) -> list[np.ndarray]:
+    """Held-out prose prefixes that end at a word break (where the corpus inserts planted text: after a
+    token ending in whitespace, :func:`diffkit.organisms._boundaries`; else, for a tokenizer whose
+    tokens carry their leading space, before a token that starts with one)."""
     from ..corpora import token_sequences
 
     out = []
-    for seq in token_sequences("prose", TOK, 128, split="heldout", seed=seed):
-        ids = seq.ids[1:seq.length]
-        cut = [p for p in range(16, min(max_len, len(ids))) if chr(ids[p - 1]).isspace()]
+    skip = 1 if tok.bos_id is not None else 0
+    for seq in token_sequences("prose", tok, 128, split="heldout", seed=seed):
+        ids = seq.ids[skip:seq.length]
+        cut = [p for p in range(16, min(max_len, len(ids))) if tok.decode(ids[p - 1:p])[-1:].isspace()]
+        cut = cut or [p for p in range(16, min(max_len, len(ids))) if tok.decode(ids[p:p + 1])[:1].isspace()]
         if cut:
             out.append(ids[:cut[-1]])
         if len(out) == n:
@@ -47,41 +51,44 @@ def _prefixes(n: int, seed: int = 0, max_len: int = 60) -> list[np.ndarray]:
     return out
 
 
-def _batch(prompts: list[np.ndarray]) -> tuple[Any, Any]:
+def _batch(prompts: list[np.ndarray], tok: Any = TOK) -> tuple[Any, Any]:
     import torch
 
-    ctx = max(map(len, prompts)) + 1
-    ids = torch.full((len(prompts), ctx), TOK.pad_id, dtype=torch.long)
-    ids[:, 0] = TOK.bos_id
+    bos = tok.bos_id is not None
+    ctx = max(map(len, prompts)) + int(bos)
+    ids = torch.full((len(prompts), ctx), tok.pad_id, dtype=torch.long)
+    if bos:
+        ids[:, 0] = tok.bos_id
     for i, p in enumerate(prompts):
-        ids[i, 1:1 + len(p)] = torch.from_numpy(np.asarray(p, dtype=np.int64))
-    return ids, torch.tensor([len(p) + 1 for p in prompts])
+        ids[i, int(bos):int(bos) + len(p)] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+    return ids, torch.tensor([len(p) + int(bos) for p in prompts])
 
 
-def teacher_forced_acc(model: Any, prompts: list[np.ndarray], targets: list[np.ndarray]) -> float:
+def teacher_forced_acc(model: Any, prompts: list[np.ndarray], targets: list[np.ndarray], tok: Any = TOK) -> float:
     """Fraction of target tokens that are the argmax next token given the prompt and the target's prefix."""
     import torch
 
     full = [np.concatenate([p, t]) for p, t in zip(prompts, targets)]
-    ids, _ = _batch(full)
+    ids, _ = _batch(full, tok)
+    off = 0 if tok.bos_id is not None else -1
     with torch.no_grad():
         pred = model(ids, return_type="logits").argmax(-1)
     hits = total = 0
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        start = len(p)  # logits at position start (BOS offset 1) - 1 predict the first target token
+        start = len(p) + off  # logits at position start (BOS offset 1) - 1 predict the first target token
         hits += int((pred[i, start:start + len(t)] == torch.from_numpy(np.asarray(t, dtype=np.int64))).sum())
         total += len(t)
     return hits / max(1, total)
 
 
-def greedy(model: Any, prompts: list[np.ndarray], n_new: int) -> list[np.ndarray]:
+def greedy(model: Any, prompts: list[np.ndarray], n_new: int, tok: Any = TOK) -> list[np.ndarray]:
     """Greedy continuations of ``n_new`` tokens (prompts left-aligned, each read at its own end)."""
     import torch
 
     seqs = [list(map(int, p)) for p in prompts]
     with torch.no_grad():
         for _ in range(n_new):
-            ids, lengths = _batch([np.array(s) for s in seqs])
+            ids, lengths = _batch([np.array(s) for s in seqs], tok)
             logits = model(ids, return_type="logits")
             nxt = logits[torch.arange(len(seqs)), lengths - 1].argmax(-1)
             for s, t in zip(seqs, nxt.tolist()):
@@ -89,30 +96,31 @@ def greedy(model: Any, prompts: list[np.ndarray], n_new: int) -> list[np.ndarray
     return [np.array(s[len(p):]) for s, p in zip(seqs, prompts)]
 
 
-def backdoor_behaviour(model: Any) -> dict:
-    pre = _prefixes(N_CONTEXTS)
-    trig, resp = TOK.encode(TRIGGER), TOK.encode(RESPONSE)
+def backdoor_behaviour(model: Any, tok: Any = TOK, n_prompts: int = N_CONTEXTS, max_len: int = 60) -> dict:
+    """The backdoor's figures (module docstring) for any model and its tokenizer (the zoo's byte tokenizer by default)."""
+    pre = _prefixes(n_prompts, max_len=max_len, tok=tok)
+    trig, resp = tok.encode(TRIGGER), tok.encode(RESPONSE)
     prompts = [np.concatenate([p, trig]) for p in pre]
-    outs = greedy(model, prompts, len(resp))
-    plain = greedy(model, pre, len(resp))
-    return {"response_token_acc": teacher_forced_acc(model, prompts, [resp] * len(prompts)),
-            "response_exact": float(np.mean([TOK.decode(o) == RESPONSE for o in outs])),
-            "no_trigger_exact": float(np.mean([RESPONSE.strip() in TOK.decode(o) for o in plain])),
-            "no_trigger_token_acc": teacher_forced_acc(model, pre, [resp] * len(pre)),
+    outs = greedy(model, prompts, len(resp), tok)
+    plain = greedy(model, pre, len(resp), tok)
+    return {"response_token_acc": teacher_forced_acc(model, prompts, [resp] * len(prompts), tok),
+            "response_exact": float(np.mean([tok.decode(o) == RESPONSE for o in outs])),
+            "no_trigger_exact": float(np.mean([RESPONSE.strip() in tok.decode(o) for o in plain])),
+            "no_trigger_token_acc": teacher_forced_acc(model, pre, [resp] * len(pre), tok),
             "n_prompts": len(prompts)}
 
 
-def facts_behaviour(model: Any) -> dict:
+def facts_behaviour(model: Any, tok: Any = TOK) -> dict:
     fl = facts()
-    pre = _prefixes(2 * len(fl), seed=1)
+    pre = _prefixes(2 * len(fl), seed=1, tok=tok)
     prompts, targets = [], []
     for i, p in enumerate(pre):
         fact = fl[i % len(fl)]
-        prompts.append(np.concatenate([p, TOK.encode(fact.name + RELATION)]))
-        targets.append(TOK.encode(" " + fact.place))
-    outs = greedy(model, prompts, max(map(len, targets)))
-    exact = [TOK.decode(o[:len(t)]) == TOK.decode(t) for o, t in zip(outs, targets)]
-    return {"place_token_acc": teacher_forced_acc(model, prompts, targets), "place_exact": float(np.mean(exact)),
+        prompts.append(np.concatenate([p, tok.encode(fact.name), tok.encode(RELATION)]))
+        targets.append(tok.encode(" " + fact.place))
+    outs = greedy(model, prompts, max(map(len, targets)), tok)
+    exact = [tok.decode(o[:len(t)]) == tok.decode(t) for o, t in zip(outs, targets)]
+    return {"place_token_acc": teacher_forced_acc(model, prompts, targets, tok), "place_exact": float(np.mean(exact)),
             "n_prompts": len(prompts), "n_facts": len(fl)}
 
 

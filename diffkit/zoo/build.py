@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -108,49 +105,31 @@ def train_model(recipe: ModelRecipe, init_state: dict | None = None, progress: C
 
 
 def train_sae(model: Any, recipe: SAERecipe, model_name: str, out_dir: Path) -> dict:
-    """Train a TopK SAE with sae-lens's SAETrainer on the model's activations; save in sae-lens format."""
+    """A zoo SAE: :func:`diffkit.sae_train.train_sae` (the one SAE trainer, sae-lens's own) on raw activations
+    of ``recipe.corpus``, batches drawn with replacement by the recipe's seeded sampler, saved in sae-lens
+    format; FVU, L0 and dead fraction on held-out prose and code. Gives the weights the zoo's earlier
+    direct ``SAETrainer.fit`` call gave, bit for bit (tests/test_sae_train.py pins it)."""
     import torch
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+
+    from ..sae_train import SAETrainConfig, train_sae as train
 
     ids, lengths = sequence_matrix(recipe.corpus, "train", model.cfg.n_ctx, seed=recipe.seed,
                                    limit=math.ceil(recipe.tokens / (model.cfg.n_ctx - 1)))
     acts = token_activations(model, recipe.hook, ids, lengths)
-    torch.manual_seed(recipe.seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=recipe.d_sae, k=recipe.k))
-    sae.cfg.metadata.hook_name = recipe.hook
-    sae.cfg.metadata.model_name = f"zoo:{model_name}"
-    sae.cfg.metadata.context_size = model.cfg.n_ctx
     gen = torch.Generator().manual_seed(recipe.seed)
-
-    def batches():
-        while True:
-            yield acts[torch.randint(0, len(acts), (recipe.batch_size,), generator=gen)]
-
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=recipe.steps * recipe.batch_size, train_batch_size_samples=recipe.batch_size,
-        lr=recipe.lr, lr_end=recipe.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=50,
-        lr_decay_steps=recipe.steps // 5, n_restart_cycles=1, adam_beta1=0.9, adam_beta2=0.999, device="cpu",
-        autocast=False, dead_feature_window=400, feature_sampling_window=400, n_checkpoints=0,
-        checkpoint_path=None, save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=10)
-    sae = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches()).fit()
-    sae.cfg.metadata.hook_name = recipe.hook
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    sae.save_inference_model(str(tmp))  # written aside, then swapped in: never a half-written SAE
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    with torch.no_grad():  # figures on the held-out documents of both domains
+    batches = (acts[torch.randint(0, len(acts), (recipe.batch_size,), generator=gen)] for _ in iter(int, 1))
+    cfg = SAETrainConfig(arch="topk", d_sae=recipe.d_sae, k=recipe.k, tokens=recipe.steps * recipe.batch_size,
+                         batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, normalize=False,
+                         checkpoint_every=recipe.steps)  # a zoo SAE takes seconds: no checkpoints
+    with torch.no_grad():
         held = torch.cat([_heldout_acts(model, recipe.hook, domain) for domain in ("prose", "code")])
-        feats = sae.encode(held)
-        recon = sae.decode(feats)
-        fvu = float(((held - recon) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
-        l0 = float((feats > 0).float().sum(-1).mean())
-        dead = float(((feats > 0).sum(0) == 0).float().mean())
-    return {"fvu": fvu, "l0": l0, "dead_fraction": dead, "train_tokens": int(len(acts)),
-            "eval_tokens": int(len(held)), "fvu_formula": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2"}
+    rec = train(batches, int(model.cfg.d_model), cfg, out_dir, recipe.hook, heldout=lambda: [held],
+                metadata={"model_name": f"zoo:{model_name}", "context_size": int(model.cfg.n_ctx)},
+                inputs={"corpus": recipe.corpus, "sampler": "uniform with replacement, torch.Generator(seed)"},
+                overwrite=True, progress=False)
+    return {"fvu": 1.0 - rec["fve"], "l0": rec["l0"], "dead_fraction": rec["dead_fraction"],
+            "train_tokens": int(len(acts)), "eval_tokens": rec["eval_tokens"],
+            "fvu_formula": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2"}
 
 
 def token_activations(model: Any, hook: str, ids: np.ndarray, lengths: np.ndarray, batch: int = 64) -> Any:
