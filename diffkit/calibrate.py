@@ -552,8 +552,11 @@ def _map_error_rows(table: Any, map_residual: dict | None) -> tuple[np.ndarray, 
         if resid is not None and resid < MAP_EXACT:
             side_p[side] = np.full(len(table), np.nan)
             skipped.append(side.upper())
-        else:
-            side_p[side] = map_error_p(table[f"map_err_{side}"].to_numpy())
+        else:  # a feature that never fired scores exactly 1 (the prior alone): no test, and not in the null's bulk
+            col = table[f"map_err_{side}"].to_numpy(dtype=np.float64, copy=True)
+            if f"freq_{side}" in table:
+                col[~(table[f"freq_{side}"].to_numpy(dtype=np.float64) > 0)] = np.nan
+            side_p[side] = map_error_p(col)
     pa, pb = side_p["a"], side_p["b"]
     p = np.where(np.isfinite(pa) & np.isfinite(pb), np.minimum(1.0, 2 * np.fmin(pa, pb)), np.fmin(pa, pb))
     note = ("model-free empirical null: log map_err over each SAE's live features ~ N(median, (1.4826 MAD)^2), "

@@ -237,6 +237,12 @@ def test_map_error_rows_bonferroni_for_pairs_and_no_test_for_an_exact_map():
     # The same model twice: the map is exact, its error rounding; B gets no test, A still does.
     p_exact, note = _map_error_rows(table, {"a": 0.2, "b": 1e-9})
     assert np.allclose(p_exact, pa) and "no test for B" in note
+    # Dead features (freq 0) score exactly 1, the prior alone: out of the null's bulk and untested. With 3
+    # of 4 features dead the bulk would otherwise have MAD 0 and no feature could be called.
+    dead = pd.DataFrame({"map_err_a": np.concatenate([a, np.ones(600)]), "map_err_b": np.concatenate([b, np.ones(600)]),
+                         "freq_a": np.r_[np.full(200, 0.01), np.zeros(600)], "freq_b": np.r_[np.full(200, 0.01), np.zeros(600)]})
+    p_dead, _ = _map_error_rows(dead, {"a": 0.2, "b": 0.2})
+    assert np.isnan(p_dead[200:]).all() and np.allclose(p_dead[:200], p, equal_nan=True)
     # Without the divergence's columns there is nothing to test.
     p_none, note = _map_error_rows(table[["map_err_a"]], None)
     assert note is None and np.isnan(p_none).all()

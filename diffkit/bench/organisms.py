@@ -201,8 +201,8 @@ def _n_labels(store: Any) -> int:
     return max(len(store.label_names), int(labels.max()) + 1 if len(labels) else 1)
 
 
-def training_free_methods(store: Any, lmap: Any, sae_a: Any, sae_b: Any,
-                          align_cfg: Any = None) -> tuple[Any, Any, dict, dict]:
+def training_free_methods(store: Any, lmap: Any, sae_a: Any, sae_b: Any, align_cfg: Any = None,
+                          null_saes: dict | None = None) -> tuple[Any, Any, dict, dict]:
     """align at its defaults (calibrated) with a :class:`diffkit.divergence.Divergence` on its one pass, over a
     labelled store; returns (FeatureDiff, the divergence result, {method: MethodResult} ranking B's features,
     {"sae_b": (mass, mass per label)} for the answer key). Shared by this benchmark and ``diffkit run``'s
@@ -214,7 +214,8 @@ def training_free_methods(store: Any, lmap: Any, sae_a: Any, sae_b: Any,
     with _quiet():
         div = Divergence(lmap, store.n_tokens("all"), split_positions(store, "all"), int(store.config.ctx),
                          sae_a.W_dec, sae_b.W_dec, labels=labels)
-        diff = align(store, sae_a, sae_b, lmap, align_cfg or AlignConfig(n_contexts=0), extra=[div])
+        diff = align(store, sae_a, sae_b, lmap, align_cfg or AlignConfig(n_contexts=0), extra=[div],
+                     null_saes=null_saes)
     res = div.result_
     fb = res.features["b"]
     n_b = sae_b.d_sae
