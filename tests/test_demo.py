@@ -22,6 +22,7 @@ def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
     # The organism's answer key leads the report: each method's rank of B's first planted feature.
     lead = text[:text.index("Two ways to find")]
     assert "`organism:backdoor` marks the tokens" in lead and "| map-error |" in lead
+    assert "B learned it: after the trigger" in lead  # the organism's behaviour, measured for both models
     assert (report.parent / "tables" / "answer_key.csv").exists()
     assert "| same | `zoo:base` | `zoo:base` | 3,000 |" in text
     assert "| sae-seed control | base vs base, SAE seed 0 vs 1 |" in text  # zoo:base@seed1/blocks.1 is seed 1

@@ -140,6 +140,8 @@ def test_tiny_config_end_to_end_then_resume(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (work / "sae-a", work / "store-diff" / "manifest.json")}
     res = CliRunner().invoke(main, ["run", str(path), "--quiet"])
     assert res.exit_code == 0 and res.output.count("done earlier") == 6
+    # the report written from the stage markers (keys sorted on disk) keeps the tables' column order
+    assert "| store | model A | model B | tokens | train | held-out |" in (work / "report" / "report.md").read_text()
     path.write_text(path.read_text().replace("dict_size = 128\nk = 8", "dict_size = 128\nk = 4"))
     res = CliRunner().invoke(main, ["run", str(path), "--quiet"])
     assert "rerunning crosscoder, compare" in res.output

@@ -21,6 +21,9 @@ def stage_frame(stage_s: dict, total: float):
                         [{"stage": "total before the report", "wall s": total}])
 
 
+STORE_COLUMNS = ("store", "model A", "model B", "tokens", "train", "held-out", "scale A", "scale B", "tokens/s")
+
+
 def preamble(ctx: Context, tables) -> list[str]:
     import pandas as pd
 
@@ -32,10 +35,11 @@ def preamble(ctx: Context, tables) -> list[str]:
     if "losses" in ctx.results:
         r = ctx.results["losses"]
         lines += [f"Held-out next-token loss (nats/token, {r['sequences']} sequences of ctx {r['ctx']} per domain):", ""]
-        lines += tables.add("models", pd.DataFrame(r["rows"]), fmt={"model": lambda v: f"`{v}`"})
+        # Column order by name: a stage result read back from its marker has its keys sorted.
+        lines += tables.add("models", pd.DataFrame(r["rows"])[["model", "prose", "code"]],
+                            fmt={"model": lambda v: f"`{v}`"})
     d = cfg.data
-    stores = pd.DataFrame([{k: v for k, v in row.items() if k not in ("bytes", "massive_dropped")}
-                           for row in ctx.results["collect"]["stores"]])
+    stores = pd.DataFrame(ctx.results["collect"]["stores"])[list(STORE_COLUMNS)]
     hooks = f"`{d.hook}`" + (f" / `{d.hook_b}`" if d.hook_b and d.hook_b != d.hook else "")
     lines += [f"Activation stores (hook {hooks}, corpus `{d.corpus}`, ctx {d.ctx}). Scale = sqrt(d_model) / mean ‖x‖ "
               "over train tokens, BOS and padding excluded; applied on read.", ""]
@@ -72,7 +76,7 @@ def finding(ctx: Context, tables) -> list[str]:
     shown = [k for k in HEADLINE_METHODS if k in m]
     best = min(shown, key=lambda k: (m[k]["first_planted_rank"] is None, m[k]["first_planted_rank"] or 0))
     rates = ", ".join(f"{k} {100 * v:.2f}%" for k, v in main["label_rates"].items())
-    b = model_b(ctx.cfg) if ctx.cfg.models.b != "finetune" else "the fine-tune"
+    b = model_b(ctx.cfg)  # a zoo name, a directory, or the fine-tune's directory
     parts = [f"{_rank(m[k]['first_planted_rank'])} by {k}" for k in shown
              if k in ("map-error", "align b-only", "crosscoder batchtopk", "activation-difference")]
     found = m[best]["first_planted_rank"] is not None and m[best]["first_planted_rank"] <= 10
@@ -82,6 +86,17 @@ def finding(ctx: Context, tables) -> list[str]:
              f"there (*planted*). B's first planted feature is " + ", ".join(parts) +
              f" (best: **{best}**, {_rank(m[best]['first_planted_rank'])}, precision@10 "
              f"{fmt_num(m[best]['precision_at_10'], 2)}).", ""]
+    beh = ctx.results.get("answer", {}).get("behaviour") or {}
+    if beh.get("organism") == "backdoor":
+        a, bb = beh["a"], beh["b"]
+        lines[-2] += (f" B learned it: after the trigger on held-out prose its greedy continuation is the response "
+                      f"{100 * bb['response_exact']:.0f}% of the time (A {100 * a['response_exact']:.0f}%; response "
+                      f"tokens right {100 * bb['response_token_acc']:.0f}% vs {100 * a['response_token_acc']:.0f}%, "
+                      f"{bb['n_prompts']} prompts), and {100 * bb['no_trigger_exact']:.0f}% without the trigger.")
+    elif beh.get("organism") == "facts":
+        a, bb = beh["a"], beh["b"]
+        lines[-2] += (f" B learned it: it recalls the place {100 * bb['place_exact']:.0f}% of the time on held-out "
+                      f"prose (A {100 * a['place_exact']:.0f}%).")
     cal = main.get("calibrated") or {}
     if cal:
         lines[-2] += (f" At FDR {100 * cal['fdr']:g}% align calls {cal['called_features']} of {cal['live_features']} "

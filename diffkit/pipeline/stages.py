@@ -242,12 +242,15 @@ def stage_align(ctx: Context) -> dict:
             warnings.simplefilter("ignore")
             sae_a, sae_b = load_sae(spec_a, device=ctx.cfg.device), load_sae(spec_b, device=ctx.cfg.device)
             lmap, acfg = LinearMap.load(maps[store_label]), AlignConfig(device=ctx.cfg.device)
+            # The main diff gets the SAE-seed null of diffkit.calibrate when the config has a second SAE of A.
+            null = {"a": load_sae(saes["null"]["spec"], device=ctx.cfg.device)} if run == "diff" and "null" in saes \
+                else None
             if store.has_labels:  # an answer key: the divergence rides on align's pass, its rankings are kept
                 from ..bench.organisms import training_free_methods
 
-                diff, _, methods, masses = training_free_methods(store, lmap, sae_a, sae_b, acfg)
+                diff, _, methods, masses = training_free_methods(store, lmap, sae_a, sae_b, acfg, null_saes=null)
             else:
-                diff = align(store, sae_a, sae_b, lmap, acfg)
+                diff = align(store, sae_a, sae_b, lmap, acfg, null_saes=null)
         save_diff(diff, out, {"acts": str(acts), "sae_a": spec_a, "sae_b": spec_b, "map": maps[store_label]})
         rankings = save_rankings(out / RANKINGS, methods, masses["sae_b"]) if store.has_labels else None
         s = diff.summary
@@ -331,7 +334,29 @@ def stage_answer(ctx: Context) -> dict:
                        "calibrated": calibrated_calls(table, summary.get("calibration", {}),
                                                       planted["sae_b"][DEFAULT_FACTOR], live_features(table)),
                        "label_rates": {n: float((labels == i).mean()) for i, n in enumerate(store.label_names) if i}}
-    return {"runs": result, "factor": DEFAULT_FACTOR}
+    return {"runs": result, "factor": DEFAULT_FACTOR, "behaviour": organism_behaviour(ctx)}
+
+
+def organism_behaviour(ctx: Context) -> dict:
+    """Did model B learn the planted behaviour, and A not? :mod:`diffkit.zoo.behaviour`'s held-out figures
+    (backdoor: the response after the trigger; facts: the recalled place) for both models; {} for others."""
+    from ..models import load_model
+    from ..organisms import parse_spec
+    from ..zoo.behaviour import backdoor_behaviour, facts_behaviour
+
+    name, _ = parse_spec(ctx.cfg.data.corpus)
+    if name not in ("backdoor", "facts"):
+        return {}
+    out = {}
+    for role, spec in (("a", ctx.cfg.models.a), ("b", model_b(ctx.cfg))):
+        loaded = load_model(spec, device=ctx.cfg.device)
+        if name == "backdoor":  # a large model's forward is slow on a CPU: fewer held-out prompts
+            n = 48 if loaded.d_model <= 512 else 16
+            out[role] = backdoor_behaviour(loaded.model, loaded.tokenizer, n_prompts=n)
+        else:
+            out[role] = facts_behaviour(loaded.model, loaded.tokenizer)
+        out[role]["model"] = spec
+    return {"organism": name, **out}
 
 
 def stage_crosscoder(ctx: Context) -> dict:
