@@ -143,7 +143,8 @@ def _trainer_config(cfg: SAETrainConfig, device: str) -> Any:
     return SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
         lr_end=cfg.lr / (1 / cfg.lr_end_ratio), lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=min(cfg.warmup_steps, cfg.steps - int(cfg.steps * cfg.decay_fraction)),
+        # at least one step between warm-up and decay: sae-lens's cosine phase divides by its length
+        lr_warm_up_steps=min(cfg.warmup_steps, max(0, cfg.steps - int(cfg.steps * cfg.decay_fraction) - 1)),
         lr_decay_steps=int(cfg.steps * cfg.decay_fraction), n_restart_cycles=1, adam_beta1=0.9, adam_beta2=0.999,
         device=device, autocast=False, dead_feature_window=cfg.dead_feature_window,
         feature_sampling_window=cfg.dead_feature_window, n_checkpoints=0, checkpoint_path=None,

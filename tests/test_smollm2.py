@@ -144,10 +144,10 @@ def test_stale_stages_follow_the_data_flow():
     cfg = _recipe("cpu")
     assert stale_stages(cfg, replace(cfg, threads=1, device="cuda")) == []
     assert stale_stages(cfg, replace(cfg, saes=replace(cfg.saes, train=replace(cfg.saes.train, lr=1e-3)))) == \
-        ["saes", "align", "compare"]
+        ["saes", "align", "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, crosscoder=replace(cfg.crosscoder, dict_size=8192))) == ["crosscoder",
-                                                                                                  "compare"]
+                                                                                                  "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, data=replace(cfg.data, max_norm_ratio=0.0))) == \
-        ["collect", "saes", "map", "align", "crosscoder", "compare"]
+        ["collect", "saes", "map", "align", "crosscoder", "compare", "answer"]
     assert stale_stages(cfg, replace(cfg, finetune=replace(cfg.finetune, steps=10))) == \
-        ["finetune", "losses", "collect", "saes", "map", "align", "crosscoder", "compare"]
+        ["finetune", "losses", "collect", "saes", "map", "align", "crosscoder", "compare", "answer"]
