@@ -149,9 +149,10 @@ def map_error_p(map_err: np.ndarray) -> np.ndarray:
     than anywhere) being this high: the model-free empirical null ``log map_err ~ N(median, (1.4826 MAD)²)``
     over one SAE's live features, the bulk taken as unchanged. Normal, not t_3 as for the act-mass
     ratio: on the organisms (reports/organisms, ``diffkit bench organisms``) t_3 called none of the
-    backdoor's planted features at FDR 10%, while the normal null called 1.3% of the features on the
+    backdoor's planted features at FDR 10%, while the normal null called 0.9% of the features on the
     null fine-tune; a fine-tune's changed features sit far out in the upper tail, the error of
-    unchanged ones is not heavy-tailed the way an SAE-noise ratio is. NaN (never fired) -> NaN."""
+    unchanged ones is not heavy-tailed the way an SAE-noise ratio is. NaN -> NaN, outside the null
+    (:func:`_map_error_rows` passes NaN for features that never fired)."""
     x = np.asarray(map_err, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         logx = np.where(np.isfinite(x) & (x > 0), np.log(np.where(x > 0, x, 1.0)), np.nan)
@@ -416,8 +417,6 @@ def _candidates_from_edges(edges: tuple, side: str, targets: np.ndarray, k: int)
 
 def _active(f: Any):
     """Per row the indices and values of the active features, padded with value 0 (index 0)."""
-    import torch
-
     k = int((f > 0).sum(1).max()) if len(f) else 0
     k = max(k, 1)
     vals, idx = f.topk(min(k, f.shape[1]), dim=1)

@@ -250,8 +250,10 @@ def crosscoder_method(arch: str, cc_dir: Path, analysis_dir: Path, store: Any) -
             masses, lat)
 
 
-def _score_all(methods: dict[str, MethodResult], masses: dict[str, tuple], labels: np.ndarray) -> tuple[dict, dict]:
-    """method_scores of every method at every factor; the default factor's at the top level."""
+def score_methods(methods: dict[str, MethodResult], masses: dict[str, tuple],
+                  labels: np.ndarray) -> tuple[dict, dict, dict]:
+    """method_scores of every method at every factor, the default factor's at the top level; returns (metrics,
+    planted counts per item kind and factor, planted masks per item kind and factor)."""
     planted = {items: {f: planted_by_label(m, {l: bl[l] for l in range(1, len(bl))}, labels, f) for f in FACTORS}
                for items, (m, bl) in masses.items()}
     metrics = {}
@@ -317,7 +319,7 @@ def run_case(case: Case, cfg: OrganismsConfig, work: Path, log: Callable[[str], 
                          "labels": lat.label.to_numpy()}
     seconds["crosscoders"] = time.perf_counter() - t
 
-    metrics, counts, planted = _score_all(methods, masses, labels)
+    metrics, counts, planted = score_methods(methods, masses, labels)
     calibrated = calibrated_calls(diff.table, diff.summary.get("calibration", {}), planted["sae_b"][DEFAULT_FACTOR],
                                   live_features(diff.table))
     estimators = estimator_sweep(fb, res.mean_error["b"], planted["sae_b"][DEFAULT_FACTOR])

@@ -17,7 +17,7 @@ import numpy as np
 from ..report.figures import agg_pyplot, save_figure
 from ..report.markdown import Tables, fmt_num, md_context
 from ..store_format import atomic_write_bytes, atomic_write_json
-from .organisms import CASES, COMMAND, command_line
+from .organisms import CASES, command_line
 from ..divergence import PRIOR_FIRINGS as PRIOR
 from .organisms_score import DEFAULT_FACTOR, share_threshold
 
@@ -140,7 +140,8 @@ def best_method(summary: dict, training_free: bool = True) -> str | None:
     return max(cands, key=key)
 
 
-def _rank(x: Any) -> str:
+def rank_text(x: Any) -> str:
+    """An expected rank as the reports print it: #3, #12.5, or 'none planted'."""
     return "none planted" if x is None else (f"#{x:.0f}" if float(x).is_integer() else f"#{x:.1f}")
 
 
@@ -157,7 +158,7 @@ def _finding(summary: dict, result: dict) -> list[str]:
             if ranked:
                 m, r = min(ranked, key=lambda x: x[1])
                 me = methods.get("map-error", {})
-                ran.append(f"**{c}**: best first planted rank {_rank(r)} (`{m}`); map-error {_rank(me.get('first_planted_rank'))}, "
+                ran.append(f"**{c}**: best first planted rank {rank_text(r)} (`{m}`); map-error {rank_text(me.get('first_planted_rank'))}, "
                            f"precision@10 {fmt_num(me.get('precision_at_10'), 2)}, token AUROC {fmt_num(me.get('token_auroc'))}")
         missing = ", ".join(f"`{c}`" for c in TARGET_CASES if c not in orgs)
         return [f"**The targets' organisms ({missing}) are not built in this checkout** (see *Missing*), so the targets "
@@ -168,18 +169,18 @@ def _finding(summary: dict, result: dict) -> list[str]:
     for c in TARGET_CASES:
         if c in orgs:
             e = orgs[c][best]
-            parts.append(f"on **{c}** its first planted feature is {_rank(e['first_planted_rank'])}, precision@10 "
+            parts.append(f"on **{c}** its first planted feature is {rank_text(e['first_planted_rank'])}, precision@10 "
                          f"{fmt_num(e['precision_at_10'], 2)}, planted tokens found with AUROC {fmt_num(e.get('token_auroc'))}")
     lines.append(f"**The best training-free method is `{best}`, which {verdict}**: " + "; ".join(parts) + ".")
     ctrl = [f"{c} {fmt_num(orgs[c][best]['precision_at_10'], 2)}" for c in CONTROL_CASES if c in orgs]
     if ctrl:
-        lines[-1] += f" On the controls (every hit a false positive) its precision@10 is " + ", ".join(ctrl) + "."
+        lines[-1] += " On the controls (every hit a false positive) its precision@10 is " + ", ".join(ctrl) + "."
     if "backdoor" in orgs:
         b = orgs["backdoor"]
-        others = [f"align's B-only list {_rank(b['align b-only']['first_planted_rank'])}"]
+        others = [f"align's B-only list {rank_text(b['align b-only']['first_planted_rank'])}"]
         for m in ("crosscoder batchtopk", "crosscoder l1", "activation-difference"):
             if m in b:
-                others.append(f"{m} {_rank(b[m]['first_planted_rank'])}")
+                others.append(f"{m} {rank_text(b[m]['first_planted_rank'])}")
         lines.append("")
         lines.append("On the backdoor, the first planted item of the other methods: " + ", ".join(others) + ".")
     return lines + [""]
@@ -297,8 +298,6 @@ def _token_error_figure(result: dict, path: Path, command: str) -> str:
 
 def write_organisms_report(result: dict, out: str | Path) -> tuple[Path, dict]:
     """Write report.md, figures/, tables/ and summary.json under ``out``; return (report path, summary)."""
-    import pandas as pd
-
     out = Path(out)
     cfg = result["config"]
     command = command_line(cfg)
@@ -397,7 +396,7 @@ def format_organisms_summary(summary: dict) -> str:
             e = methods.get(m)
             if e:
                 lines.append(f"{case:<11} {m:<24} p@10 {fmt_num(e['precision_at_10'], 2)}  first "
-                             f"{_rank(e['first_planted_rank']):<8} token AUROC {fmt_num(e.get('token_auroc'))}")
+                             f"{rank_text(e['first_planted_rank']):<8} token AUROC {fmt_num(e.get('token_auroc'))}")
     best = best_method(summary)
     if best:
         lines.append(f"best training-free method: {best} ({summary['targets'][best]['n_met']}/"

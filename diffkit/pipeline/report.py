@@ -56,15 +56,12 @@ HEADLINE_METHODS = ("map-error", "align b-only", "align act-mass", "align enc-no
                     "activation-difference-along", "crosscoder batchtopk")
 
 
-def _rank(x) -> str:
-    return "none planted" if x is None else (f"#{x:.0f}" if float(x).is_integer() else f"#{x:.1f}")
-
-
 def finding(ctx: Context, tables) -> list[str]:
     """The found answer, first in the report: where each method ranks B's first planted feature on the
     diff, and its precision@10 on the controls (where every hit is a false positive); align's calibrated calls."""
     import pandas as pd
 
+    from ..bench.organisms_report import rank_text
     from ..report.markdown import fmt_num
 
     answer = ctx.results.get("answer", {}).get("runs", {})
@@ -77,34 +74,33 @@ def finding(ctx: Context, tables) -> list[str]:
     best = min(shown, key=lambda k: (m[k]["first_planted_rank"] is None, m[k]["first_planted_rank"] or 0))
     rates = ", ".join(f"{k} {100 * v:.2f}%" for k, v in main["label_rates"].items())
     b = model_b(ctx.cfg)  # a zoo name, a directory, or the fine-tune's directory
-    parts = [f"{_rank(m[k]['first_planted_rank'])} by {k}" for k in shown
+    parts = [f"{rank_text(m[k]['first_planted_rank'])} by {k}" for k in shown
              if k in ("map-error", "align b-only", "crosscoder batchtopk", "activation-difference")]
     found = m[best]["first_planted_rank"] is not None and m[best]["first_planted_rank"] <= 10
     head = "The planted change is found." if found else "No method ranks a planted feature in its top 10."
-    lines = [f"**{head}** `{ctx.cfg.data.corpus}` marks the tokens where `{b}` was changed "
-             f"({rates} of the store); {n_planted} of B's SAE features put ≥ 20× their share of activation mass "
-             f"there (*planted*). B's first planted feature is " + ", ".join(parts) +
-             f" (best: **{best}**, {_rank(m[best]['first_planted_rank'])}, precision@10 "
-             f"{fmt_num(m[best]['precision_at_10'], 2)}).", ""]
+    text = [f"**{head}** `{ctx.cfg.data.corpus}` marks the tokens where `{b}` was changed ({rates} of the "
+            f"store); {n_planted} of B's SAE features put ≥ 20× their share of activation mass there (*planted*). "
+            f"B's first planted feature is " + ", ".join(parts) + f" (best: **{best}**, "
+            f"{rank_text(m[best]['first_planted_rank'])}, precision@10 {fmt_num(m[best]['precision_at_10'], 2)})."]
     beh = ctx.results.get("answer", {}).get("behaviour") or {}
+    a, bb = beh.get("a"), beh.get("b")
     if beh.get("organism") == "backdoor":
-        a, bb = beh["a"], beh["b"]
-        lines[-2] += (f" B learned it: after the trigger on held-out prose its greedy continuation is the response "
-                      f"{100 * bb['response_exact']:.0f}% of the time (A {100 * a['response_exact']:.0f}%; response "
-                      f"tokens right {100 * bb['response_token_acc']:.0f}% vs {100 * a['response_token_acc']:.0f}%, "
-                      f"{bb['n_prompts']} prompts), and {100 * bb['no_trigger_exact']:.0f}% without the trigger.")
+        text.append(f"B learned it: after the trigger on held-out prose its greedy continuation is the response "
+                    f"{100 * bb['response_exact']:.0f}% of the time (A {100 * a['response_exact']:.0f}%; response "
+                    f"tokens right {100 * bb['response_token_acc']:.0f}% vs {100 * a['response_token_acc']:.0f}%, "
+                    f"{bb['n_prompts']} prompts), and {100 * bb['no_trigger_exact']:.0f}% without the trigger.")
     elif beh.get("organism") == "facts":
-        a, bb = beh["a"], beh["b"]
-        lines[-2] += (f" B learned it: it recalls the place {100 * bb['place_exact']:.0f}% of the time on held-out "
-                      f"prose (A {100 * a['place_exact']:.0f}%).")
+        text.append(f"B learned it: it recalls the place {100 * bb['place_exact']:.0f}% of the time on held-out "
+                    f"prose (A {100 * a['place_exact']:.0f}%).")
     cal = main.get("calibrated") or {}
     if cal:
-        lines[-2] += (f" At FDR {100 * cal['fdr']:g}% align calls {cal['called_features']} of {cal['live_features']} "
-                      f"live features ({cal['changed_by_map_error']} changed where the map fails), "
-                      f"{cal['planted_b_called']} of the {cal['planted_b']} planted among them")
         ctrl = [f"{r} {answer[r]['calibrated']['called_features']} ({100 * answer[r]['calibrated']['called_share_of_live']:.1f}%)"
                 for r in controls if answer[r].get("calibrated")]
-        lines[-2] += ("; the same calls on the controls: " + ", ".join(ctrl) + "." if ctrl else ".")
+        text.append(f"At FDR {100 * cal['fdr']:g}% align calls {cal['called_features']} of {cal['live_features']} "
+                    f"live features ({cal['changed_by_map_error']} changed where the map fails), "
+                    f"{cal['planted_b_called']} of the {cal['planted_b']} planted among them"
+                    + ("; the same calls on the controls: " + ", ".join(ctrl) if ctrl else "") + ".")
+    lines = [" ".join(text), ""]
     rows = []
     for k in shown:
         row = {"method": k, "first planted rank": m[k]["first_planted_rank"], "precision@10": m[k]["precision_at_10"],

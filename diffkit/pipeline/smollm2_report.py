@@ -9,7 +9,6 @@ reconstructs (held-out FVE), and what the top-ranked *changed* shared features (
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import numpy as np
 

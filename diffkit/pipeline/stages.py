@@ -308,7 +308,7 @@ def stage_answer(ctx: Context) -> dict:
     rank of B's first planted feature, precision@10, token AUROC, and align's calibrated calls
     (:mod:`diffkit.bench.organisms_score`, the organisms benchmark's own scoring)."""
     from ..activations import ActivationStore
-    from ..bench.organisms import _score_all, calibrated_calls, crosscoder_method, live_features
+    from ..bench.organisms import calibrated_calls, crosscoder_method, live_features, score_methods
     from ..bench.organisms_score import DEFAULT_FACTOR
     from ..compare import ANALYSIS_DIR
     from ..diff import load_diff_json, load_table
@@ -327,7 +327,7 @@ def stage_answer(ctx: Context) -> dict:
                 "batchtopk", ctx.work / f"crosscoder-{label}", run_dir(ctx.work, "compare", run) / ANALYSIS_DIR, store)
             methods["crosscoder batchtopk"] = cc
         labels = store.labels("all")
-        metrics, counts, planted = _score_all(methods, masses, labels)
+        metrics, counts, planted = score_methods(methods, masses, labels)
         table, summary = load_table(align_dir), load_diff_json(align_dir, "summary.json")
         result[run] = {"metrics": {m: {k: v for k, v in e.items() if k != "at_factor"} for m, e in metrics.items()},
                        "planted_counts": counts,
