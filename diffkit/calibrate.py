@@ -69,6 +69,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .codes import as_codes
+
 R2_FLOOR = 0.05
 RIDGE = 1e-4
 N_CANDIDATES = 32
@@ -197,28 +199,19 @@ class _Moments:
         self.sxf = {(m, s): torch.zeros(n[s], d[m], dtype=cross_dtype) for m in d for s in n}  # (features, d)
 
     def add(self, x: dict, f: dict) -> None:
-        import torch
-
+        """``x``: model -> (rows, d) float64; ``f``: feature set -> (row, col, val) nonzero entries."""
         self.rows += len(next(iter(x.values())))
         for m, xm in x.items():
             self.sx[m] += xm.sum(0)
             self.sxx[m] += xm.T @ xm
-        for s, fs in f.items():
-            nz = fs.nonzero()
-            if len(nz) < 0.1 * fs.numel():  # sparse codes (TopK): O(active × d), not O(rows × features × d)
-                row, col = nz[:, 0], nz[:, 1]
-                val = fs[row, col].double()
-                self.sf[s].index_add_(0, col, val)
-                self.sff[s].index_add_(0, col, val * val)
-                ft = torch.sparse_coo_tensor(torch.stack([col, row]), val, (fs.shape[1], fs.shape[0]))
-                for m, xm in x.items():
-                    self.sxf[(m, s)] += torch.sparse.mm(ft, xm).to(self.sxf[(m, s)].dtype)
-            else:
-                f64 = fs.double()
-                self.sf[s] += f64.sum(0)
-                self.sff[s] += (f64 * f64).sum(0)
-                for m, xm in x.items():
-                    self.sxf[(m, s)] += (f64.T @ xm).to(self.sxf[(m, s)].dtype)
+        for s, (row, col, val) in f.items():
+            self.sf[s].index_add_(0, col, val)
+            self.sff[s].index_add_(0, col, val * val)
+            for m, xm in x.items():  # Σ f xᵀ: O(active × d), in slices of ~2^22 numbers
+                acc, step = self.sxf[(m, s)], max(1, (1 << 22) // xm.shape[1])
+                for lo in range(0, len(col), step):
+                    sl = slice(lo, lo + step)
+                    acc.index_add_(0, col[sl], (val[sl, None] * xm[row[sl]]).to(acc.dtype))
 
 
 class ProbeSums:
@@ -256,6 +249,12 @@ class ProbeSums:
             rest = np.setdiff1d(np.arange(self.n[s]), targets)
             sample = rng.choice(rest, min(self.null_sample, len(rest)), replace=False)
             self.cols[s] = np.union1d(targets, sample).astype(np.int64)
+        import torch
+
+        self.col_pos = {}
+        for s, cols in self.cols.items():
+            self.col_pos[s] = torch.full((self.n[s],), -1, dtype=torch.int64)
+            self.col_pos[s][torch.from_numpy(cols)] = torch.arange(len(cols))
 
     def _allocate(self) -> None:
         import torch
@@ -267,22 +266,31 @@ class ProbeSums:
             self.parts["heldout"] = _Moments(self.d, n, dtype)
 
     def update(self, xa: Any, xb: Any, fa: Any, fb: Any) -> None:
+        import torch
+
         if not self.parts:
             self._allocate()
         x = {"a": xa.double(), "b": xb.double()}
         if self.shift is None:
             self.shift = {m: v.mean(0) for m, v in x.items()}
         x = {m: v - self.shift[m] for m, v in x.items()}
-        f = {"a": fa, "b": fb}
-        if self.cols is not None:
-            f = {s: v[:, self.cols[s]] for s, v in f.items()}
+        f = {}
+        for s, codes in (("a", as_codes(fa)), ("b", as_codes(fb))):
+            row, col, val = codes.entries()
+            if self.cols is not None:  # only the probed features, renumbered 0..len(cols)
+                pos = self.col_pos[s][col]
+                keep = pos >= 0
+                row, col, val = row[keep], pos[keep], val[keep]
+            f[s] = (row, col, val)
         if self.train_mask is None:
             self.parts["train"].add(x, f)
         else:
             mask = self.train_mask(self.row0, len(xa))
             for part, sel in (("train", mask), ("heldout", ~mask)):
                 if bool(sel.any()):
-                    self.parts[part].add({m: v[sel] for m, v in x.items()}, {s: v[sel] for s, v in f.items()})
+                    renumber = torch.cumsum(sel, 0) - 1  # row -> its index among the selected rows
+                    sub = {s: (renumber[r][sel[r]], c[sel[r]], v[sel[r]]) for s, (r, c, v) in f.items()}
+                    self.parts[part].add({m: v[sel] for m, v in x.items()}, sub)
         self.row0 += len(xa)
 
     def r2(self, model: str, features: str, chunk: int = 4096) -> np.ndarray:
@@ -379,8 +387,7 @@ class ManyToOneSums:
 
         if not self.sides:
             return
-        f = {"a": fa, "b": fb}
-        act = {s: _active(v) for s, v in f.items()}
+        act = {"a": as_codes(fa).padded(), "b": as_codes(fb).padded()}
         for side, st in self.sides.items():
             (io, vo), (it, vt) = act[side], act["b" if side == "a" else "a"]
             n_other = st["n_other"]
@@ -413,15 +420,6 @@ def _candidates_from_edges(edges: tuple, side: str, targets: np.ndarray, k: int)
     if (counts < k).any():
         return None
     return other[starts[:, None] + np.arange(k)[None, :]]
-
-
-def _active(f: Any):
-    """Per row the indices and values of the active features, padded with value 0 (index 0)."""
-    k = int((f > 0).sum(1).max()) if len(f) else 0
-    k = max(k, 1)
-    vals, idx = f.topk(min(k, f.shape[1]), dim=1)
-    vals = vals.double().clamp(min=0)
-    return idx.long(), vals
 
 
 def _scatter(acc: Any, codes_sorted: Any, codes: Any, vals: Any) -> None:
@@ -491,8 +489,10 @@ class SeedSums:
         self.rows = 0
 
     def update(self, xa: Any, xb: Any, fa: Any, fb: Any) -> None:
+        import torch
+
         f = self.sae.encode(xa if self.side == "a" else xb, self.scale)
-        self.sum += f.double().sum(0)
+        self.sum += f.sum(0, dtype=torch.float64)
         self.rows += len(f)
 
 

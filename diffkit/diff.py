@@ -132,6 +132,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .codes import Codes
 from .errors import DiffkitError
 from .matching import Assignment, assign, unit_rows
 from .metrics import log_ratio, robust_scale
@@ -225,53 +226,56 @@ class StatAccumulator(Protocol):
     """A streamed statistic that rides on align's one pass over the store (no second read of the tokens).
 
     ``update`` sees each batch once: the raw (unscaled) activations of both models and both SAEs'
-    feature activations on them; whatever it keeps must be bounded by features × width, never tokens.
+    feature activations on them as :class:`diffkit.codes.Codes` (dense, and their nonzero entries
+    found once for every statistic); whatever it keeps must be bounded by features × width, never tokens.
     """
 
-    def update(self, xa: Any, xb: Any, fa: Any, fb: Any) -> None: ...
+    def update(self, xa: Any, xb: Any, fa: Codes, fb: Codes) -> None: ...
 
 
 def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool, pairs: tuple | None,
                progress: bool, extra: Sequence[StatAccumulator] = ()) -> dict:
     """One pass over the split: per-feature sums, top rows, optionally Σ f_aᵀ f_b (full or for pairs),
-    and each of ``extra``'s own sums."""
+    and each of ``extra``'s own sums. Every per-feature sum scatters the codes' nonzero entries."""
     import torch
     from .progress import tqdm
 
     n_a, n_b = sae_a.d_sae, sae_b.d_sae
     scale_a, scale_b = store.scale("a"), store.scale("b")
     m = cfg.n_contexts
-    acc = {s: {"count": torch.zeros(n, dtype=torch.float64), "sum": torch.zeros(n, dtype=torch.float64),
+    acc = {s: {"count": torch.zeros(n, dtype=torch.int64), "sum": torch.zeros(n, dtype=torch.float64),
                "sumsq": torch.zeros(n, dtype=torch.float64),
-               "top_val": torch.full((n, max(m, 1)), -1.0), "top_row": torch.full((n, max(m, 1)), -1, dtype=torch.int64)}
+               "top_val": torch.full((n, m), -1.0), "top_row": torch.full((n, m), -1, dtype=torch.int64)}
            for s, n in (("a", n_a), ("b", n_b))}
     full = torch.zeros(n_a, n_b, dtype=torch.float64) if cross else None
     pair_sum = torch.zeros(len(pairs[0]), dtype=torch.float64) if pairs is not None else None
-    pa = torch.from_numpy(pairs[0]) if pairs is not None else None
-    pb = torch.from_numpy(pairs[1]) if pairs is not None else None
+    if pairs is not None:
+        pair_of_a = torch.full((n_a,), -1, dtype=torch.int64)  # A feature -> its pair's index
+        pair_of_a[torch.from_numpy(pairs[0])] = torch.arange(len(pairs[0]))
+        pb = torch.from_numpy(pairs[1])
     row0, n = 0, store.n_tokens(cfg.split)
     rows_per_batch = min(cfg.batch_size, max(256, STAT_PASS_ELEMENTS // max(n_a, n_b)))
     batches = store.iter_batches(rows_per_batch, split=cfg.split, shuffle=False, drop_last=False, normalized=False)
     for xa, xb in tqdm(batches, total=-(-n // rows_per_batch), desc="encode", unit="batch", disable=not progress):
-        fa, fb = sae_a.encode(xa, scale_a), sae_b.encode(xb, scale_b)
-        rows = torch.arange(row0, row0 + len(fa))
+        fa, fb = Codes(sae_a.encode(xa, scale_a)), Codes(sae_b.encode(xb, scale_b))
         for s, f in (("a", fa), ("b", fb)):
             st = acc[s]
-            f64 = f.double()
-            st["count"] += (f > 0).sum(0)
-            st["sum"] += f64.sum(0)
-            st["sumsq"] += (f64 ** 2).sum(0)
+            count, total, sumsq = f.feature_sums()
+            st["count"] += count
+            st["sum"] += total
+            st["sumsq"] += sumsq
             if m:
-                kk = min(m, len(f))
-                bv, bi = f.topk(kk, dim=0)  # (kk, n)
-                vals = torch.cat([st["top_val"], bv.T], 1)
-                idx = torch.cat([st["top_row"], rows[bi].T], 1)
+                bv, br = f.top_rows(m, row0)
+                vals, idx = torch.cat([st["top_val"], bv], 1), torch.cat([st["top_row"], br], 1)
                 keep = vals.topk(m, dim=1).indices
                 st["top_val"], st["top_row"] = vals.gather(1, keep), idx.gather(1, keep)
         if full is not None:
-            full += fa.double().T @ fb.double()
+            full += fa.dense.double().T @ fb.dense.double()
         if pair_sum is not None:
-            pair_sum += (fa[:, pa].double() * fb[:, pb].double()).sum(0)
+            row, col, val = fa.entries()
+            i = pair_of_a[col]
+            hit = i >= 0
+            pair_sum.index_add_(0, i[hit], val[hit] * fb.dense[row[hit], pb[i[hit]]].double())
         for acc_extra in extra:
             acc_extra.update(xa, xb, fa, fb)
         row0 += len(fa)
@@ -280,8 +284,9 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
         st = acc[s]
         top = st["top_row"].clone()
         top[st["top_val"] <= 0] = -1  # a row where the feature did not fire is no example
-        out[s] = FeatureStats(freq=(st["count"] / max(1, row0)).numpy(), mean_act=(st["sum"] / max(1, row0)).numpy(),
-                              sum=st["sum"].numpy(), sumsq=st["sumsq"].numpy(), top_rows=top[:, :m].numpy(), n=row0)
+        out[s] = FeatureStats(freq=(st["count"].double() / max(1, row0)).numpy(),
+                              mean_act=(st["sum"] / max(1, row0)).numpy(), sum=st["sum"].numpy(),
+                              sumsq=st["sumsq"].numpy(), top_rows=top.numpy(), n=row0)
     return out
 
 
@@ -403,7 +408,7 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
         extra = [*extra, Divergence(lmap, store.n_tokens(cfg.split), split_positions(store, cfg.split),
                                     int(store.config.ctx), sae_a.W_dec, sae_b.W_dec)]
     carried = lmap.carry_directions(sae_a.W_dec.double().numpy())
-    dirs_b = sae_b.W_dec.double().numpy()
+    dirs_b = sae_b.W_dec.float().numpy()  # every use normalizes it in float32: no float64 copy (1.2 GB at 65k × 2304)
     need_cross = cfg.cost != "cosine"
     cal = {}
     if cfg.calibrate:
@@ -436,7 +441,7 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
                            extra=extra)
         t_stats = time.perf_counter()
         pair_corr = correlation(stats["pair_sum"].numpy(), stats["a"], stats["b"], asg.pair_a, asg.pair_b)
-    cosines = (unit_rows(carried[asg.pair_a]) * unit_rows(dirs_b[asg.pair_b])).sum(1).numpy()
+    cosines = _pair_cosines(carried, dirs_b, asg.pair_a, asg.pair_b)
     table = _table(asg, stats, pair_corr, cosines, effective_encoder_norms(sae_a), effective_encoder_norms(sae_b),
                    decoder_norms(sae_a), decoder_norms(sae_b), "act-mass" if cfg.rank_by == "map-error" else cfg.rank_by)
     for acc in extra:
@@ -461,6 +466,16 @@ def align(store: Any, sae_a: Any, sae_b: Any, lmap: Any, cfg: AlignConfig = Alig
             for i in _top_features(table, side, 5):
                 contexts[(side, i)] = decode_contexts(store, stats[side].top_rows[i], cfg.split, tok)
     return FeatureDiff(table, asg, summary, cfg, contexts)
+
+
+def _pair_cosines(dirs_a: np.ndarray, dirs_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                  chunk: int = 8192) -> np.ndarray:
+    """cos(dirs_a[ia[i]], dirs_b[ib[i]]) in float32, ``chunk`` pairs at a time (no gathered copy of every row)."""
+    out = np.empty(len(ia), np.float32)
+    for lo in range(0, len(ia), chunk):
+        sl = slice(lo, lo + chunk)
+        out[sl] = (unit_rows(dirs_a[ia[sl]]) * unit_rows(dirs_b[ib[sl]])).sum(1).numpy()
+    return out
 
 
 def _prepare(extra: Sequence[StatAccumulator], a_targets: np.ndarray, b_targets: np.ndarray, asg: Any) -> None:

@@ -40,7 +40,6 @@ and plots; 1/d of the store's size).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -50,6 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .codes import as_codes
 from .errors import DiffkitError
 
 DIVERGENCE_KIND = "diffkit.Divergence"
@@ -139,14 +139,16 @@ class Divergence:
         self.err_pos = torch.zeros(self.n_ctx, dtype=torch.float64)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         self.n_labels = 0 if labels is None or not len(labels) else int(self.labels.max()) + 1
-        self.dec = {"a": None if W_dec_a is None else torch.as_tensor(W_dec_a).double(),
-                    "b": None if W_dec_b is None else torch.as_tensor(W_dec_b).double()}
-        self.feat = {}
-        for s, dec in self.dec.items():
+        self.unit = {}  # unit decoder rows, float64: each feature's direction
+        for s, dec in (("a", W_dec_a), ("b", W_dec_b)):
             if dec is not None:
-                z = lambda: torch.zeros(len(dec), dtype=torch.float64)  # noqa: E731
-                self.feat[s] = {"mass": z(), "mass_err": z(), "fires": z(), "fire_err": z(), "along": z()}
-                self.feat[s]["mass_by_label"] = torch.zeros(max(self.n_labels, 1), len(dec), dtype=torch.float64)
+                dec = torch.as_tensor(dec).double()
+                self.unit[s] = dec / dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        self.feat = {}
+        for s, unit in self.unit.items():
+            z = lambda: torch.zeros(len(unit), dtype=torch.float64)  # noqa: E731
+            self.feat[s] = {"mass": z(), "mass_err": z(), "fires": z(), "fire_err": z(), "along": z()}
+            self.feat[s]["mass_by_label"] = torch.zeros(max(self.n_labels, 1), len(unit), dtype=torch.float64)
         self.row0 = 0
 
     def update(self, xa: Any, xb: Any, fa: Any = None, fb: Any = None) -> None:
@@ -177,20 +179,24 @@ class Divergence:
             self.count_pos.index_add_(0, pos, torch.ones(m, dtype=torch.float64))
             self.err_pos.index_add_(0, pos, e["b"])
         lab = None if self.labels is None else self.labels[r0:r1]
-        for s, f, delta in (("a", fa, delta_a), ("b", fb, delta_b)):
+        for s, f, delta in (("a", as_codes(fa), delta_a), ("b", as_codes(fb), delta_b)):
             if s not in self.feat or f is None:
                 continue
-            f = f.double()
+            row, col, val = f.entries()  # O(active), not O(rows × features): see diffkit.codes
+            n_feat = len(self.unit[s])
             acc = self.feat[s]
-            acc["mass"] += f.sum(0)
-            acc["mass_err"] += e[s] @ f
-            on = (f > 0).double()
-            acc["fires"] += on.sum(0)
-            acc["fire_err"] += e[s] @ on
-            unit = self.dec[s] / self.dec[s].norm(dim=1, keepdim=True).clamp(min=1e-12)
-            acc["along"] += ((delta @ unit.T) * f).sum(0)
+            acc["mass"].index_add_(0, col, val)
+            acc["mass_err"].index_add_(0, col, e[s][row] * val)
+            on = (val > 0).double()
+            acc["fires"].index_add_(0, col, on)
+            acc["fire_err"].index_add_(0, col, e[s][row] * on)
+            step = max(1, (1 << 22) // delta.shape[1])
+            for lo in range(0, len(col), step):  # ⟨δ_t, d̂_i⟩ only where feature i fires on token t
+                sl = slice(lo, lo + step)
+                acc["along"].index_add_(0, col[sl], (delta[row[sl]] * self.unit[s][col[sl]]).sum(1) * val[sl])
             if lab is not None:
-                acc["mass_by_label"].index_add_(0, lab, f)
+                flat = lab[row] * n_feat + col
+                acc["mass_by_label"].view(-1).index_add_(0, flat, val)
         self.row0 = r1
 
     def finish(self) -> "DivergenceResult":
@@ -202,7 +208,7 @@ class Divergence:
         features = {}
         for s, acc in self.feat.items():
             features[s] = feature_scores({k: v.numpy() for k, v in acc.items()}, mean_err[s], self.n,
-                                         self.delta_sum[s].numpy() / n, self.dec[s].numpy())
+                                         self.delta_sum[s].numpy() / n, self.unit[s].numpy())
         cnt = self.count_pos.numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             delta_pos = self.delta_pos.numpy() / cnt[:, None]
@@ -480,7 +486,7 @@ def format_divergence(res: DivergenceResult, summary: dict, worst: Any, top: int
              f"activation difference ({res.mode}): |mean δ| {summary['mean_delta_norm']['b']:.4g}"]
     for k, v in summary.get("token_auroc", {}).items():
         lines.append(f"token AUROC vs the store's labels, {k}: {v:.3f}")
-    lines.append(f"worst-mapped tokens (error / mean):")
+    lines.append("worst-mapped tokens (error / mean):")
     for r in worst.head(top).itertuples():
         lab = f" label {r.label}" if hasattr(r, "label") else ""
         lines.append(f"  #{r.rank:<3} x{r.error_ab_rel:7.1f} pos {r.position:<4}{lab} {r.context!r}")

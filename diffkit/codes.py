@@ -1,0 +1,86 @@
+"""One batch of an SAE's feature activations, as the dense matrix and as its nonzero entries.
+
+Why: an SAE's codes are sparse (a TopK SAE of 65,536 features with k = 32 fires on 0.05% of the
+matrix), yet every statistic of align's pass used to read the dense (rows, features) matrix —
+float64 copies, column top-k, masks — and at 65k features those dense passes cost more than the
+encoding GEMM itself. The nonzero entries are found once per batch (:class:`Codes`) and every
+per-feature sum is a scatter over them, O(active) instead of O(rows × features).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Codes:
+    """Feature activations of one batch: ``dense`` (rows, features) and, found once on first use,
+    the nonzero entries ``row``, ``col`` (int64, row-major order) and ``val`` (float64)."""
+
+    def __init__(self, dense: Any):
+        self.dense = dense
+        self._entries: tuple | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape)
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    def entries(self) -> tuple[Any, Any, Any]:
+        """(row, col, val) of the nonzero activations."""
+        if self._entries is None:
+            nz = self.dense.nonzero()
+            row, col = nz[:, 0], nz[:, 1]
+            self._entries = (row, col, self.dense[row, col].double())
+        return self._entries
+
+    def feature_sums(self) -> tuple[Any, Any, Any]:
+        """Per feature: the number of rows where it is > 0, Σ f and Σ f² (float64)."""
+        import torch
+
+        row, col, val = self.entries()
+        n = self.shape[1]
+        count = torch.bincount(col[val > 0], minlength=n)
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, col, val)
+        sumsq = torch.zeros(n, dtype=torch.float64).index_add_(0, col, val * val)
+        return count, total, sumsq
+
+    def top_rows(self, m: int, row0: int = 0) -> tuple[Any, Any]:
+        """Per feature its ``m`` largest activations in the batch and their rows (+ ``row0``); -1 pads."""
+        import torch
+
+        row, col, val = self.entries()
+        n = self.shape[1]
+        order = torch.argsort(val, descending=True, stable=True)
+        order = order[torch.argsort(col[order], stable=True)]  # by feature, largest first within one
+        c = col[order]
+        count = torch.bincount(c, minlength=n)
+        rank = torch.arange(len(c)) - (count.cumsum(0) - count)[c]
+        keep = rank < m
+        top_val = torch.full((n, m), -1.0)
+        top_row = torch.full((n, m), -1, dtype=torch.int64)
+        top_val[c[keep], rank[keep]] = val[order][keep].float()
+        top_row[c[keep], rank[keep]] = row[order][keep] + row0
+        return top_val, top_row
+
+    def padded(self) -> tuple[Any, Any]:
+        """Per row the indices and values (float64, clamped at 0) of its active features, padded
+        with index 0 and value 0 to the most any row has (at least 1)."""
+        import torch
+
+        row, col, val = self.entries()
+        rows = self.shape[0]
+        per_row = torch.bincount(row, minlength=rows)
+        width = max(int(per_row.max()) if rows else 0, 1)
+        slot = torch.arange(len(row)) - (per_row.cumsum(0) - per_row)[row]
+        idx = torch.zeros((rows, width), dtype=torch.int64)
+        vals = torch.zeros((rows, width), dtype=torch.float64)
+        idx[row, slot] = col
+        vals[row, slot] = val.clamp(min=0)
+        return idx, vals
+
+
+def as_codes(f: Any) -> Codes | None:
+    """``f`` as :class:`Codes` (a dense tensor is wrapped; None stays None)."""
+    return f if f is None or isinstance(f, Codes) else Codes(f)
