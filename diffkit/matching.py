@@ -135,27 +135,67 @@ def topk_candidates(ua: Any, ub: Any, k: int, chunk: int = 2048, device: str = "
     ka, kb = min(k, n_b), min(k, n_a)
     dt = _search_dtype(device, n_a * n_b)
     hb = ub.to(device=device, dtype=dt)
-    best_val = torch.full((kb, n_b), -float("inf"), device=device)  # per B column: best A rows so far
-    best_idx = torch.zeros((kb, n_b), dtype=torch.int64, device=device)
+    best_val = torch.full((n_b, kb), -float("inf"), device=device)  # per B column: best A rows so far
+    best_idx = torch.zeros((n_b, kb), dtype=torch.int64, device=device)
     rows_a, rows_b, vals_ab, kth = [], [], [], []
     for lo in tqdm(range(0, n_a, chunk), desc="candidates", unit="chunk", disable=not progress):
-        sims = (ua[lo:lo + chunk].to(device=device, dtype=dt) @ hb.T).float()  # (c, n_b)
+        sims = ua[lo:lo + chunk].to(device=device, dtype=dt) @ hb.T  # (c, n_b), in the search dtype
         top = sims.topk(ka, dim=1)
-        kth.append(top.values[:, -1].cpu())
+        top_vals = top.values.float()
+        kth.append(top_vals[:, -1].cpu())
         rows_a.append((torch.arange(lo, lo + len(sims), device=device)[:, None].expand_as(top.indices)).reshape(-1).cpu())
         rows_b.append(top.indices.reshape(-1).cpu())
-        vals_ab.append(top.values.reshape(-1).cpu())
-        col = sims.T.contiguous().topk(min(kb, len(sims)), dim=1)  # (n_b, ≤kb): this chunk's best A rows per column
-        vals = torch.cat([best_val, col.values.T], 0)
-        idx = torch.cat([best_idx, col.indices.T + lo], 0)
-        keep = vals.topk(kb, dim=0).indices
-        best_val, best_idx = vals.gather(0, keep), idx.gather(0, keep)
-    col_b = torch.arange(n_b, device=device)[None, :].expand(kb, n_b)
+        vals_ab.append(top_vals.reshape(-1).cpu())
+        best_val, best_idx = _merge_column_topk(best_val, best_idx, sims, lo, kb)
+    col_b = torch.arange(n_b, device=device)[:, None].expand(n_b, kb)
     ea = torch.cat(rows_a + [best_idx.reshape(-1).cpu()]).numpy().astype(np.int64)
     eb = torch.cat(rows_b + [col_b.reshape(-1).cpu()]).numpy().astype(np.int64)
     ev = torch.cat(vals_ab + [best_val.reshape(-1).cpu()]).numpy()
     key, first = np.unique(ea * n_b + eb, return_index=True)  # duplicates would be summed by CSR
     return key // n_b, key % n_b, ev[first], torch.cat(kth).numpy()
+
+
+def _merge_column_topk(best_val: Any, best_idx: Any, sims: Any, lo: int, kb: int) -> tuple[Any, Any]:
+    """Each column's best ``kb`` rows so far (``best_val``/``best_idx``: (n_b, kb), each row sorted
+    descending) merged with one chunk, rows ``lo..``, of the similarity matrix ``sims`` (chunk, n_b).
+
+    Why not a dense top-k per chunk: a column top-k of a (chunk, n_b) matrix costs half its GEMM
+    again (a transpose of the whole chunk). Once every column holds kb rows, only entries above a
+    column's current kb-th best can enter it, and after a few chunks those are a few per column:
+    they are found with one comparison and merged column by column.
+    """
+    import torch
+
+    n_b = sims.shape[1]
+    if bool(torch.isfinite(best_val[:, -1]).all()):
+        above = sims > best_val[:, -1].to(sims.dtype)
+        if int(torch.count_nonzero(above)) <= 2 * kb * n_b:
+            row, col = above.nonzero(as_tuple=True)
+            count = torch.bincount(col, minlength=n_b)
+            cols = count.nonzero(as_tuple=True)[0]
+            width = int(count.max()) if len(col) else 0
+            if not len(col):
+                return best_val, best_idx
+            if width * len(cols) <= 4 * kb * n_b:  # else a few columns take most of the chunk: dense
+                order = torch.argsort(col, stable=True)
+                row, col = row[order], col[order]
+                slot = torch.arange(len(col), device=col.device) - (count.cumsum(0) - count)[col]
+                at = torch.full((n_b,), -1, dtype=torch.int64, device=col.device)
+                at[cols] = torch.arange(len(cols), device=col.device)
+                new_val = torch.full((len(cols), width), -float("inf"), device=sims.device)
+                new_idx = torch.zeros((len(cols), width), dtype=torch.int64, device=sims.device)
+                new_val[at[col], slot] = sims[row, col].float()
+                new_idx[at[col], slot] = row + lo
+                vals = torch.cat([best_val[cols], new_val], 1)
+                idx = torch.cat([best_idx[cols], new_idx], 1)
+                keep = vals.topk(kb, dim=1).indices
+                best_val[cols], best_idx[cols] = vals.gather(1, keep), idx.gather(1, keep)
+                return best_val, best_idx
+    top = sims.T.contiguous().topk(min(kb, len(sims)), dim=1)  # (n_b, ≤kb): this chunk's best rows per column
+    vals = torch.cat([best_val, top.values.float()], 1)
+    idx = torch.cat([best_idx, top.indices + lo], 1)
+    keep = vals.topk(kb, dim=1).indices
+    return vals.gather(1, keep), idx.gather(1, keep)
 
 
 def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int = 8192) -> np.ndarray:
