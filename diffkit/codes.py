@@ -84,3 +84,41 @@ class Codes:
 def as_codes(f: Any) -> Codes | None:
     """``f`` as :class:`Codes` (a dense tensor is wrapped; None stays None)."""
     return f if f is None or isinstance(f, Codes) else Codes(f)
+
+
+class FeatureTally:
+    """Streamed per feature: rows where it is > 0 (``count``), Σ f (``sum``), Σ f² (``sumsq``), all float64
+    but ``count``, and its ``m`` largest activations with their rows (``top_val``/``top_row``, (n, m),
+    largest first; -1 where it fired on fewer rows). Align's statistics pass and the crosscoder's analysis
+    keep theirs with it; memory is O(n · m), whatever the number of rows."""
+
+    def __init__(self, n: int, m: int):
+        import torch
+
+        self.m, self.rows = m, 0
+        self.count = torch.zeros(n, dtype=torch.int64)
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.sumsq = torch.zeros(n, dtype=torch.float64)
+        self.top_val = torch.full((n, m), -1.0)
+        self.top_row = torch.full((n, m), -1, dtype=torch.int64)
+
+    def add(self, codes: Codes) -> None:
+        """The next batch's codes (rows numbered on from the batches before)."""
+        import torch
+
+        count, total, sumsq = codes.feature_sums()
+        self.count += count
+        self.sum += total
+        self.sumsq += sumsq
+        if self.m:
+            bv, br = codes.top_rows(self.m, self.rows)
+            vals, idx = torch.cat([self.top_val, bv], 1), torch.cat([self.top_row, br], 1)
+            keep = vals.topk(self.m, dim=1).indices
+            self.top_val, self.top_row = vals.gather(1, keep), idx.gather(1, keep)
+        self.rows += len(codes)
+
+    def examples(self) -> Any:
+        """``top_row`` with -1 where the feature did not fire (no example there)."""
+        top = self.top_row.clone()
+        top[self.top_val <= 0] = -1
+        return top

@@ -132,7 +132,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .codes import Codes
+from .codes import Codes, FeatureTally
 from .errors import DiffkitError
 from .matching import Assignment, assign, unit_rows
 from .metrics import log_ratio, robust_scale
@@ -242,11 +242,7 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
 
     n_a, n_b = sae_a.d_sae, sae_b.d_sae
     scale_a, scale_b = store.scale("a"), store.scale("b")
-    m = cfg.n_contexts
-    acc = {s: {"count": torch.zeros(n, dtype=torch.int64), "sum": torch.zeros(n, dtype=torch.float64),
-               "sumsq": torch.zeros(n, dtype=torch.float64),
-               "top_val": torch.full((n, m), -1.0), "top_row": torch.full((n, m), -1, dtype=torch.int64)}
-           for s, n in (("a", n_a), ("b", n_b))}
+    tally = {"a": FeatureTally(n_a, cfg.n_contexts), "b": FeatureTally(n_b, cfg.n_contexts)}
     full = torch.zeros(n_a, n_b, dtype=torch.float64) if cross else None
     pair_sum = torch.zeros(len(pairs[0]), dtype=torch.float64) if pairs is not None else None
     if pairs is not None:
@@ -258,17 +254,8 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
     batches = store.iter_batches(rows_per_batch, split=cfg.split, shuffle=False, drop_last=False, normalized=False)
     for xa, xb in tqdm(batches, total=-(-n // rows_per_batch), desc="encode", unit="batch", disable=not progress):
         fa, fb = Codes(sae_a.encode(xa, scale_a)), Codes(sae_b.encode(xb, scale_b))
-        for s, f in (("a", fa), ("b", fb)):
-            st = acc[s]
-            count, total, sumsq = f.feature_sums()
-            st["count"] += count
-            st["sum"] += total
-            st["sumsq"] += sumsq
-            if m:
-                bv, br = f.top_rows(m, row0)
-                vals, idx = torch.cat([st["top_val"], bv], 1), torch.cat([st["top_row"], br], 1)
-                keep = vals.topk(m, dim=1).indices
-                st["top_val"], st["top_row"] = vals.gather(1, keep), idx.gather(1, keep)
+        tally["a"].add(fa)
+        tally["b"].add(fb)
         if full is not None:
             full += fa.dense.double().T @ fb.dense.double()
         if pair_sum is not None:
@@ -280,13 +267,9 @@ def _stat_pass(store: Any, sae_a: Any, sae_b: Any, cfg: AlignConfig, cross: bool
             acc_extra.update(xa, xb, fa, fb)
         row0 += len(fa)
     out = {"n": row0, "full": full, "pair_sum": pair_sum}
-    for s in ("a", "b"):
-        st = acc[s]
-        top = st["top_row"].clone()
-        top[st["top_val"] <= 0] = -1  # a row where the feature did not fire is no example
-        out[s] = FeatureStats(freq=(st["count"].double() / max(1, row0)).numpy(),
-                              mean_act=(st["sum"] / max(1, row0)).numpy(), sum=st["sum"].numpy(),
-                              sumsq=st["sumsq"].numpy(), top_rows=top.numpy(), n=row0)
+    for s, t in tally.items():
+        out[s] = FeatureStats(freq=(t.count.double() / max(1, row0)).numpy(), mean_act=(t.sum / max(1, row0)).numpy(),
+                              sum=t.sum.numpy(), sumsq=t.sumsq.numpy(), top_rows=t.examples().numpy(), n=row0)
     return out
 
 

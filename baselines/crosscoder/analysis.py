@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffkit.codes import Codes, FeatureTally
 from diffkit.errors import DiffkitError
 from diffkit.metrics import cca_of_samples, mean_cca  # noqa: F401  (moved to diffkit.metrics; re-exported)
 from diffkit.io import (atomic_write_bytes, first_line, json_bytes, read_sealed_json, sha256_bytes, verify_sha256,
@@ -134,10 +135,7 @@ class _Pass:
         L = cfg.dict_size
         self.probe = ProbeSums(cfg.d_in[0], cfg.d_in[1], L, 0, train_mask) if len(cfg.d_in) == 2 else None
         self.model, self.n_ctx = model, n_ctx
-        self.count_L = torch.zeros(L, dtype=torch.float64)
-        self.sum_L = torch.zeros(L, dtype=torch.float64)
-        self.top_vals = torch.full((n_ctx, L), -1.0)
-        self.top_rows = torch.zeros((n_ctx, L), dtype=torch.int64)
+        self.tally = FeatureTally(L, n_ctx)  # per latent: firings, Σf, top rows
         self.acc = FveAccumulator(cfg.d_in)
         D = cfg.d_total
         self.cov = torch.zeros(D, D, dtype=torch.float64)
@@ -162,16 +160,10 @@ class _Pass:
         f = out.f_BL
         xs, xh = model.split(x_BD), model.split(out.x_hat_BD)
         self.acc.update(xs, xh, float((f > 0).sum()))
+        codes = Codes(f)  # its nonzero entries, found once for the tally and the probe sums
         if self.probe is not None:
-            self.probe.update(xs[0], xs[1], f, f[:, :0])
-        self.count_L += (f > 0).sum(0).double()
-        self.sum_L += f.sum(0).double()
-        n = min(self.n_ctx, f.shape[0])
-        vals, idx = torch.topk(f, n, dim=0)
-        allv = torch.cat([self.top_vals, vals])
-        allr = torch.cat([self.top_rows, idx + self.rows])
-        best = torch.topk(allv, self.n_ctx, dim=0).indices
-        self.top_vals, self.top_rows = allv.gather(0, best), allr.gather(0, best)
+            self.probe.update(xs[0], xs[1], codes, f[:, :0])
+        self.tally.add(codes)
         xd = x_BD.double()
         self.cov += xd.T @ xd
         self.sum_D += xd.sum(0)
@@ -232,9 +224,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
         x = torch.cat(xs, dim=1)
         pas.update(x)
 
-    freq = pas.count_L / max(pas.rows, 1)
-    mean_act = pas.sum_L / max(pas.rows, 1)
-    dead = pas.count_L == 0
+    count = pas.tally.count.double()
+    freq = count / max(pas.rows, 1)
+    mean_act = pas.tally.sum / max(pas.rows, 1)
+    dead = count == 0
     labels = label_latents(r, dead, cfg)
     dec_cos, dec_cos_method = _dec_cos(model, store)
     table = pd.DataFrame({
@@ -243,7 +236,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
         "rel_norm_r_b": r.numpy(), "rel_norm_delta_b": delta.numpy(),
         "dec_cos_ab": dec_cos.numpy(),
         "freq": freq.numpy(), "mean_act": mean_act.numpy(),
-        "mean_act_active": (pas.sum_L / pas.count_L.clamp(min=1)).numpy(),
+        "mean_act_active": (pas.tally.sum / count.clamp(min=1)).numpy(),
     })
     for col in ("beta_rec_a", "beta_rec_b", "beta_err_a", "beta_err_b", "nu_rec", "nu_err"):
         table[col] = np.nan
@@ -411,7 +404,7 @@ def _top_latents(table, label: str, pas: _Pass, store, cfg: AnalyzeConfig) -> li
     out = []
     for _, row in rows.iterrows():
         i = int(row["latent"])
-        vals, idxs = pas.top_vals[:, i], pas.top_rows[:, i]
+        vals, idxs = pas.tally.top_val[i], pas.tally.top_row[i]
         keep = vals > 0
         ctxs = store.contexts(idxs[keep].numpy(), split=cfg.split, window=cfg.window) if bool(keep.any()) else []
         texts = [decode(ids[:off]) + "«" + decode(ids[off:off + 1]) + "»" + decode(ids[off + 1:]) for ids, off in ctxs]

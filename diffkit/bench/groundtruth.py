@@ -3,8 +3,8 @@
 One *case* (:func:`run_case`) is the whole product on a planted pair (:mod:`diffkit.synthetic`):
 
 1. draw the pair and write it as a real :class:`~diffkit.activations.ActivationStore`;
-2. train a TopK SAE on each side with sae-lens's own ``SAETrainer`` (raw activations of the
-   store's train split, ``metadata.hook_name`` set) and save it in sae-lens's format;
+2. train a TopK SAE on each side with :func:`diffkit.sae_train.train_sae` (sae-lens's own trainer,
+   raw activations of the store's train split, ``metadata.hook_name`` set), saved in sae-lens's format;
 3. the training-free diff: ``LinearMap().fit(store)`` + :func:`diffkit.diff.align` at its defaults;
 4. the crosscoder baseline: :func:`baselines.crosscoder.train.train` (BatchTopK) on the same store,
    then :func:`baselines.crosscoder.analysis.analyze` for its relative norms and labels;
@@ -120,44 +120,31 @@ def _quiet(progress: bool):
 
 
 def train_sae(store, side: str, d_sae: int, k: int, cfg: GroundTruthConfig, seed: int, out: Path) -> tuple[Path, float]:
-    """A TopK SAE on ``side``'s raw train activations with sae-lens's SAETrainer; saved in sae-lens format at ``out``.
+    """A TopK SAE on ``side``'s raw train activations: :func:`diffkit.sae_train.train_sae` (the one SAE
+    trainer, sae-lens's own) fed batches drawn with replacement by a seeded sampler, saved in sae-lens format.
 
     Returns the directory and the SAE's held-out FVU (``Σ‖x − x̂‖² / Σ‖x − x̄‖²``).
     """
     import torch
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+
+    from ..sae_train import SAETrainConfig, train_sae as train
 
     def split(name: str) -> torch.Tensor:
         return torch.cat([ab[0 if side == "a" else 1] for ab in store.iter_shards(name, normalized=False)]).float()
 
     acts, held = split("train"), split("heldout")
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=d_sae, k=k))
     gen = torch.Generator().manual_seed(seed)
-
-    def batches():
-        while True:
-            yield acts[torch.randint(0, len(acts), (cfg.sae_batch,), generator=gen)]
-
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.sae_steps * cfg.sae_batch, train_batch_size_samples=cfg.sae_batch, lr=cfg.sae_lr,
-        lr_end=cfg.sae_lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=cfg.sae_steps // 20,
-        lr_decay_steps=cfg.sae_steps // 5, device="cpu", autocast=False, dead_feature_window=cfg.sae_steps // 5,
-        feature_sampling_window=cfg.sae_steps // 5, n_checkpoints=0, checkpoint_path=None,
-        save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10)
-    sae = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches()).fit()
-    sae.cfg.metadata.hook_name = PLANTED_HOOK  # the trainer leaves it unset; diffkit checks it against the store
-    sae.cfg.metadata.model_name = f"planted:{side}"
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_inference_model(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # never a half-written SAE under the final name
-    with torch.no_grad():
-        recon = sae.decode(sae.encode(held))
-    fvu = float(((held - recon) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
-    return out, fvu
+    batches = (acts[torch.randint(0, len(acts), (cfg.sae_batch,), generator=gen)] for _ in iter(int, 1))
+    steps = cfg.sae_steps
+    train_cfg = SAETrainConfig(arch="topk", d_sae=d_sae, k=k, tokens=steps * cfg.sae_batch, batch_size=cfg.sae_batch,
+                               lr=cfg.sae_lr, warmup_steps=steps // 20, decay_fraction=0.2,
+                               dead_feature_window=max(1, steps // 5), seed=seed, normalize=False,
+                               checkpoint_every=steps)  # seconds to train: no checkpoints
+    rec = train(batches, int(acts.shape[1]), train_cfg, out, PLANTED_HOOK, heldout=lambda: [held],
+                metadata={"model_name": f"planted:{side}"},
+                inputs={"store": str(store.root), "source": side, "sampler": "uniform with replacement"},
+                overwrite=True, progress=False)
+    return out, 1.0 - rec["fve"]
 
 
 def run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Path,
