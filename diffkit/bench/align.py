@@ -16,9 +16,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,10 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import DiffkitError
+from .child import run_child
 from .machine import LoadSample, MachineInfo, machine_info, max_rss_bytes, sample_load
 
-CHILD_MARKER = "DIFFKIT_BENCH_RESULT "
 D_MODEL = 2304
 SHARED_FRACTION = 0.9
 NOISE = 0.8  # relative norm of the noise added to a shared direction: cosine to its partner ~ 1/sqrt(1 + 0.64)
@@ -146,25 +142,9 @@ def _child_align(spec: dict) -> dict:
             "a_only_unmatched": float((got[~shared] == -1).mean()), "stages": res.seconds, "k": res.k}
 
 
-def _child_main(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    fn = _child_map_fit if spec["method"].startswith("mapfit-") else _child_align
-    print(CHILD_MARKER + json.dumps(fn(spec)), flush=True)
-
-
 def _run_child(spec: dict, timeout: float = 1200) -> dict:
-    code = "import sys; from diffkit.bench.align import _child_main; _child_main(sys.argv[1])"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DiffkitError(f"benchmark subprocess ({spec['method']}, n={spec['n']:,}) ran over {timeout:.0f} s") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARKER)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiffkitError(f"benchmark subprocess ({spec['method']}, n={spec['n']:,}) failed with exit "
-                           f"{proc.returncode}: {tail}")
-    return json.loads(lines[-1][len(CHILD_MARKER):])
+    target = "_child_map_fit" if spec["method"].startswith("mapfit-") else "_child_align"
+    return run_child(f"{__name__}:{target}", spec, f"{spec['method']}, n={spec['n']:,}", timeout)
 
 
 def _gemm_gflops(rows: int, d: int, repeats: int = 3) -> tuple[float, float]:

@@ -16,10 +16,7 @@ torch and TransformerLens are imported inside functions, so ``diffkit --help`` s
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -29,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DiffkitError
+from .child import run_child
 from .machine import LoadSample, MachineInfo, RssSampler, machine_info, max_rss_bytes, sample_load
 
 REPORT_COMMAND = "diffkit bench collect"
-CHILD_MARKER = "DIFFKIT_BENCH_RESULT "
 
 # Section 1: the model whose forward pass is timed (random init; 8 layers so that stopping early matters).
 FORWARD_MODEL = dict(n_layers=8, d_model=256, n_heads=8, d_head=32, d_mlp=1024, n_ctx=128, d_vocab=258,
@@ -259,11 +256,10 @@ def _child_in_memory(spec: dict) -> dict:
             "t0": t0, "t1": t1}
 
 
-def _child_main(spec_json: str) -> None:
-    """Entry point of a measurement subprocess: run one collection, print its figures as JSON."""
+def _child_collect(spec: dict) -> dict:
+    """One collection in a measurement subprocess (:func:`diffkit.bench.child.run_child`), with its RSS samples."""
     import torch
 
-    spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     warnings.simplefilter("ignore", DeprecationWarning)
     fn = {"diffkit": _child_diffkit, "in-memory": _child_in_memory}[spec["method"]]
@@ -275,24 +271,11 @@ def _child_main(spec_json: str) -> None:
         sampler.stop()
     result["peak_rss_bytes"] = max_rss_bytes()
     result["rss_halves_bytes"] = sampler.halves(result.pop("t0"), result.pop("t1"))
-    print(CHILD_MARKER + json.dumps(result), flush=True)
+    return result
 
 
 def _run_child(spec: dict, timeout: float = 1800) -> dict:
-    """One measurement in a fresh ``python -c`` process, so that its peak RSS is its own."""
-    code = "import sys; from diffkit.bench.collect import _child_main; _child_main(sys.argv[1])"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DiffkitError(f"benchmark subprocess ({spec['method']}, {spec['tokens']:,} tokens) ran over "
-                           f"{timeout:.0f} s and was stopped") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARKER)]
-    if proc.returncode != 0 or not lines:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-        raise DiffkitError(f"benchmark subprocess ({spec['method']}, {spec['tokens']:,} tokens) failed with exit "
-                           f"status {proc.returncode}: {tail}")
-    return json.loads(lines[-1][len(CHILD_MARKER):])
+    return run_child(f"{__name__}:_child_collect", spec, f"{spec['method']}, {spec['tokens']:,} tokens", timeout)
 
 
 def bench_collect(token_counts: tuple[int, ...], work: Path, model_a: str = COLLECT_MODELS[0],

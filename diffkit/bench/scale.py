@@ -32,8 +32,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,10 +42,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DiffkitError
+from .child import run_child
 from .machine import LoadSample, MachineInfo, machine_info, max_rss_bytes, sample_load
 from .rows import BenchRow, speedup, throughput_ratio
 
-CHILD_MARKER = "DIFFKIT_SCALE_RESULT "
 SHARED_FRACTION = 0.9
 SAE_JITTER = 0.5        # relative noise on each SAE decoder row: true pairs at cosine ≈ 1 / (1 + 0.5²) = 0.8
 PLANTED_K = 32.0
@@ -197,33 +195,8 @@ class StatusSampler:
         self._sample()
 
 
-def _child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("TQDM_DISABLE", "1")
-    return env
-
-
 def _run_child(func: str, spec: dict, threads: int, timeout: float = 3600) -> dict:
-    code = f"import sys; from diffkit.bench.scale import _child_main; _child_main({func!r}, sys.argv[1])"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=_child_env(threads))
-    except subprocess.TimeoutExpired:
-        raise DiffkitError(f"scale benchmark subprocess {func} ran over {timeout:.0f} s") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARKER)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiffkitError(f"scale benchmark subprocess {func} failed with exit {proc.returncode}: {tail}")
-    return json.loads(lines[-1][len(CHILD_MARKER):])
-
-
-def _child_main(func: str, spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    result = {"generate_align": _child_generate_align, "align": _child_align, "dense": _child_dense,
-              "generate_cc": _child_generate_cc, "crosscoder": _child_crosscoder}[func](spec)
-    print(CHILD_MARKER + json.dumps(result), flush=True)
+    return run_child(f"{__name__}:_child_{func}", spec, f"scale {func}", timeout, threads)
 
 
 def _dir_bytes(path: Path) -> int:
