@@ -7,6 +7,7 @@ from pathlib import Path
 from ..store_format import atomic_write_bytes
 from .align import (NOISE, SHARED_FRACTION, TARGET_16K_GB, TARGET_16K_SECONDS, TARGET_65K_GB, TARGET_65K_SECONDS,
                     TARGET_GEMM_FRACTION, AlignBenchmark)
+from .machine import machine_section
 
 
 def _gib(n: float) -> str:
@@ -25,16 +26,7 @@ def format_align_report(bench: AlignBenchmark) -> str:
     if bench.under_load:
         lines += ["**Timings were taken under load** (other processes used the CPU, see *Load*): absolute times are "
                   "slower and noisier than on an idle machine.", ""]
-    lines += ["## Machine", "", "| | |", "|---|---|",
-              f"| platform | {m.platform}, Python {m.python} |",
-              f"| CPU | {m.cpu_model}; {m.cpu_count} logical CPUs ({m.cpus_usable} usable) |",
-              f"| memory | {m.memory_gib:.1f} GiB |",
-              f"| torch | {m.torch_version}, {m.threads} threads in every measurement |",
-              f"| numpy | {m.numpy_version} |", "", "Load (other processes' CPU use, sampled while idle):", ""]
-    for s in bench.load:
-        lines.append(f"- {s.when} the run, over {s.seconds:g} s: {s.busy_percent:.0f}% of one core: "
-                     f"{'; '.join(s.top) if s.top else 'nothing notable'}")
-    lines.append("")
+    lines += machine_section(m, bench.load, extra=[("numpy", m.numpy_version)])
     lines += ["## 1. Alignment: cost + assignment", "",
               f"Planted input: B's directions are random unit rows; A's are a hidden permutation of "
               f"{SHARED_FRACTION:.0%} of them plus noise of relative norm {NOISE:g} (true partners at cosine ≈ 0.78) "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..store_format import atomic_write_bytes
 from .collect import READ_BATCH, TARGET_FORWARD_SPEEDUP, TARGET_READ_GBPS, CollectBenchmark
+from .machine import machine_section
 
 
 def _mib(n: float) -> str:
@@ -32,19 +33,8 @@ def format_collect_report(bench: CollectBenchmark) -> str:
                   "absolute rates are lower and noisier than on an idle machine; each comparison alternates or "
                   "pairs its two sides in the same run, so the ratios are the figures to trust.", ""]
 
-    lines += ["## Machine", "", "| | |", "|---|---|",
-              f"| platform | {m.platform}, Python {m.python} |",
-              f"| CPU | {m.cpu_model}; {m.cpu_count} logical CPUs ({m.cpus_usable} usable by this process) |",
-              f"| memory | {m.memory_gib:.1f} GiB |",
-              f"| torch | {m.torch_version}, **{m.threads} threads** (`torch.set_num_threads({m.threads})` set "
-              "deliberately in this process and in every measurement subprocess) |",
-              f"| TransformerLens | {m.transformer_lens_version} |",
-              f"| numpy | {m.numpy_version} |", ""]
-    lines += ["Load (CPU use of other processes, sampled while the benchmark itself was idle):", ""]
-    for s in bench.load:
-        who = "; ".join(s.top) if s.top else "nothing notable"
-        lines.append(f"- {s.when} the run, over {s.seconds:g} s: {s.busy_percent:.0f}% of one core: {who}")
-    lines.append("")
+    lines += machine_section(m, bench.load, extra=[("TransformerLens", m.transformer_lens_version),
+                                                   ("numpy", m.numpy_version)])
 
     cfg = f.model
     lines += ["## 1. Forward pass: `hook_activations` vs `run_with_cache`", "",

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 
 @dataclass
@@ -143,3 +144,19 @@ class RssSampler:
         first = [rss for t, rss in self.samples if t0 <= t < mid]
         second = [rss for t, rss in self.samples if mid <= t <= t1]
         return [max(first, default=0), max(second, default=0)]
+
+
+def machine_section(m: MachineInfo, load: Sequence[LoadSample], memory: str | None = None,
+                    extra: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Every benchmark report's *Machine* table and *Load* list, as markdown lines (``memory`` replaces the
+    memory row's text; ``extra``: more (name, value) rows)."""
+    rows = [("platform", f"{m.platform}, Python {m.python}"),
+            ("CPU", f"{m.cpu_model}; {m.cpu_count} logical CPUs ({m.cpus_usable} usable)"),
+            ("memory", memory or f"{m.memory_gib:.1f} GiB"),
+            ("torch", f"{m.torch_version}, {m.threads} threads in every measurement"), *extra]
+    lines = ["## Machine", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             "Load (other processes' CPU use, sampled while the benchmark itself was idle):", ""]
+    for s in load:
+        lines.append(f"- {s.when} the run, over {s.seconds:g} s: {s.busy_percent:.0f}% of one core: "
+                     f"{'; '.join(s.top) if s.top else 'nothing notable'}")
+    return lines + [""]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..store_format import atomic_write_bytes
 from .scale import DENSE_GB, SAE_JITTER, SHARED_FRACTION, ScaleResult, result_to_json
+from .machine import machine_section
 from .rows import BenchRow
 
 
@@ -23,16 +24,8 @@ def format_scale_report(result: ScaleResult, rows: list[BenchRow]) -> str:
     if result.under_load:
         lines += ["**Timings were taken under load** (other processes used the CPU, see *Load*): absolute times are "
                   "slower and noisier than on an idle machine; memory figures are unaffected.", ""]
-    lines += ["## Machine", "", "| | |", "|---|---|",
-              f"| platform | {m.platform}, Python {m.python} |",
-              f"| CPU | {m.cpu_model}; {m.cpu_count} logical CPUs ({m.cpus_usable} usable) |",
-              f"| memory | {result.ram_bytes / 2**30:.1f} GiB (MemTotal) |",
-              f"| torch | {m.torch_version}, {m.threads} threads in every measurement |", "",
-              "Load (other processes' CPU use, sampled while idle):", ""]
-    for s in result.load:
-        lines.append(f"- {s.when} the run, over {s.seconds:g} s: {s.busy_percent:.0f}% of one core: "
-                     f"{'; '.join(s.top) if s.top else 'nothing notable'}")
-    lines += ["", "## 1. `diffkit align` on wide planted SAEs", "",
+    lines += machine_section(m, result.load, memory=f"{result.ram_bytes / 2**30:.1f} GiB (MemTotal)")
+    lines += ["## 1. `diffkit align` on wide planted SAEs", "",
               f"Planted pair (`diffkit.synthetic.PlantedStream`): {SHARED_FRACTION:.0%} of each model's features "
               f"shared through a hidden rotation, {(1 - SHARED_FRACTION) / 2:.0%} exclusive to each side, 32 active "
               "per token, Zipf firing rates; written shard by shard (the dense codes would need tokens × features "

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .machine import LoadSample, MachineInfo, machine_section
 from .rows import BenchRow
 
 STATUS_TEXT = {"ok": "ok", "failed": "**FAILED**", "missing": "**MISSING**", "not run": "not run"}
@@ -136,19 +137,10 @@ def render_summary(s: dict[str, Any]) -> str:
               "same answer) and what each side's time includes.",
               "- Timings on 2 shared cores move by ±10–20% from run to run; *Machine* shows the load from "
               "other processes.", ""]
-    lines += ["## Machine", "", "| | |", "|---|---|",
-              f"| CPU | {m['cpu_model']}; {m['cpu_count']} logical CPUs, {m['cpus_usable']} usable |",
-              f"| memory | {m['memory_gib']:.1f} GiB |",
-              f"| threads | {m['threads']} torch threads in every part |",
-              f"| versions | Python {m['python']}, torch {m['torch_version']}, TransformerLens "
-              f"{m['transformer_lens_version']}, numpy {m['numpy_version']} |",
-              f"| platform | {m['platform']} |",
-              f"| GPU in this run | {'yes' if s.get('cuda') else 'none'} |", "",
-              "Load (other processes' CPU, sampled while this run was idle):", ""]
-    for ld in s.get("load", []):
-        lines.append(f"- {ld['when']} the run, over {ld['seconds']:g} s: {ld['busy_percent']:.0f}% of one core"
-                     f"{': ' + '; '.join(ld['top']) if ld['top'] else ''}")
-    lines += ["", "## Parts", "",
+    lines += machine_section(MachineInfo(**m), [LoadSample(**ld) for ld in s.get("load", [])],
+                             extra=[("TransformerLens", m["transformer_lens_version"]), ("numpy", m["numpy_version"]),
+                                    ("GPU in this run", "yes" if s.get("cuda") else "none")])
+    lines += ["## Parts", "",
               "Each part ran in its own fresh process; *peak RSS* here is that process's own high-water mark "
               "(the measurements it starts in further processes report theirs per row).", "",
               "| part | status | wall time | budget (small) | peak RSS of the part | rows | detailed report |",
