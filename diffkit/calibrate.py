@@ -199,12 +199,23 @@ class _Moments:
         self.sxf = {(m, s): torch.zeros(n[s], d[m], dtype=cross_dtype) for m in d for s in n}  # (features, d)
 
     def add(self, x: dict, f: dict) -> None:
-        """``x``: model -> (rows, d) float64; ``f``: feature set -> (row, col, val) nonzero entries."""
+        """``x``: model -> (rows, d) float64; ``f``: feature set -> its (row, col, val) nonzero entries,
+        or the dense (rows, features) codes when they are dense."""
+        import torch
+
         self.rows += len(next(iter(x.values())))
         for m, xm in x.items():
             self.sx[m] += xm.sum(0)
             self.sxx[m] += xm.T @ xm
-        for s, (row, col, val) in f.items():
+        for s, fs in f.items():
+            if torch.is_tensor(fs):  # dense codes (diffkit.codes.DENSE_ABOVE): sums and GEMMs
+                f64 = fs.double()
+                self.sf[s] += f64.sum(0)
+                self.sff[s] += (f64 * f64).sum(0)
+                for m, xm in x.items():
+                    self.sxf[(m, s)] += (f64.T @ xm).to(self.sxf[(m, s)].dtype)
+                continue
+            row, col, val = fs
             self.sf[s].index_add_(0, col, val)
             self.sff[s].index_add_(0, col, val * val)
             for m, xm in x.items():  # Σ f xᵀ: O(active × d), in slices of ~2^22 numbers
@@ -276,6 +287,9 @@ class ProbeSums:
         x = {m: v - self.shift[m] for m, v in x.items()}
         f = {}
         for s, codes in (("a", as_codes(fa)), ("b", as_codes(fb))):
+            if codes.is_dense:
+                f[s] = codes.dense if self.cols is None else codes.dense[:, torch.from_numpy(self.cols[s])]
+                continue
             row, col, val = codes.entries()
             if self.cols is not None:  # only the probed features, renumbered 0..len(cols)
                 pos = self.col_pos[s][col]
@@ -289,7 +303,7 @@ class ProbeSums:
             for part, sel in (("train", mask), ("heldout", ~mask)):
                 if bool(sel.any()):
                     renumber = torch.cumsum(sel, 0) - 1  # row -> its index among the selected rows
-                    sub = {s: (renumber[r][sel[r]], c[sel[r]], v[sel[r]]) for s, (r, c, v) in f.items()}
+                    sub = {s: _rows_of(fs, sel, renumber) for s, fs in f.items()}
                     self.parts[part].add({m: v[sel] for m, v in x.items()}, sub)
         self.row0 += len(xa)
 
@@ -301,6 +315,17 @@ class ProbeSums:
         out = np.full(self.n[features], np.nan)
         out[self.cols[features]] = vals
         return out
+
+
+def _rows_of(fs: Any, sel: Any, renumber: Any) -> Any:
+    """The codes of the rows ``sel`` of a batch: dense codes sliced, or entries kept and renumbered."""
+    import torch
+
+    if torch.is_tensor(fs):
+        return fs[sel]
+    row, col, val = fs
+    keep = sel[row]
+    return renumber[row[keep]], col[keep], val[keep]
 
 
 def _centred(part: _Moments, m: str, s: str, mu_x: Any = None, mu_f: Any = None):
