@@ -4,7 +4,8 @@ Why: an SAE's codes are sparse (a TopK SAE of 65,536 features with k = 32 fires 
 matrix), yet every statistic of align's pass used to read the dense (rows, features) matrix —
 float64 copies, column top-k, masks — and at 65k features those dense passes cost more than the
 encoding GEMM itself. The nonzero entries are found once per batch (:class:`Codes`) and every
-per-feature sum is a scatter over them, O(active) instead of O(rows × features).
+per-feature sum is a scatter over them, O(active) instead of O(rows × features). Codes that are
+not sparse (more than :data:`DENSE_ABOVE` nonzero: an L1 crosscoder) keep the dense reductions.
 """
 
 from __future__ import annotations
