@@ -115,6 +115,15 @@ class Codes:
         return idx, vals
 
 
+def keep_top(vals: Any, idx: Any, new_vals: Any, new_idx: Any, k: int) -> tuple[Any, Any]:
+    """Per row, the ``k`` largest of ``vals`` and ``new_vals`` side by side, with their ``idx`` (a running top-k)."""
+    import torch
+
+    vals, idx = torch.cat([vals, new_vals], 1), torch.cat([idx, new_idx], 1)
+    keep = vals.topk(k, dim=1).indices
+    return vals.gather(1, keep), idx.gather(1, keep)
+
+
 def as_codes(f: Any) -> Codes | None:
     """``f`` as :class:`Codes` (a dense tensor is wrapped; None stays None)."""
     return f if f is None or isinstance(f, Codes) else Codes(f)
@@ -138,17 +147,12 @@ class FeatureTally:
 
     def add(self, codes: Codes) -> None:
         """The next batch's codes (rows numbered on from the batches before)."""
-        import torch
-
         count, total, sumsq = codes.feature_sums()
         self.count += count
         self.sum += total
         self.sumsq += sumsq
         if self.m:
-            bv, br = codes.top_rows(self.m, self.rows)
-            vals, idx = torch.cat([self.top_val, bv], 1), torch.cat([self.top_row, br], 1)
-            keep = vals.topk(self.m, dim=1).indices
-            self.top_val, self.top_row = vals.gather(1, keep), idx.gather(1, keep)
+            self.top_val, self.top_row = keep_top(self.top_val, self.top_row, *codes.top_rows(self.m, self.rows), self.m)
         self.rows += len(codes)
 
     def examples(self) -> Any:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .codes import keep_top
 from .errors import DiffkitError
 
 DENSE_MAX_CELLS = 4096 * 4096  # above this "auto" uses the sparse solver
@@ -167,35 +168,32 @@ def _merge_column_topk(best_val: Any, best_idx: Any, sims: Any, lo: int, kb: int
     import torch
 
     n_b = sims.shape[1]
+    above = None
     if bool(torch.isfinite(best_val[:, -1]).all()):
         above = sims > best_val[:, -1].to(sims.dtype)
-        if int(torch.count_nonzero(above)) <= 2 * kb * n_b:
-            row, col = above.nonzero(as_tuple=True)
-            count = torch.bincount(col, minlength=n_b)
-            cols = count.nonzero(as_tuple=True)[0]
-            width = int(count.max()) if len(col) else 0
-            if not len(col):
-                return best_val, best_idx
-            if width * len(cols) <= 4 * kb * n_b:  # else a few columns take most of the chunk: dense
-                order = torch.argsort(col, stable=True)
-                row, col = row[order], col[order]
-                slot = torch.arange(len(col), device=col.device) - (count.cumsum(0) - count)[col]
-                at = torch.full((n_b,), -1, dtype=torch.int64, device=col.device)
-                at[cols] = torch.arange(len(cols), device=col.device)
-                new_val = torch.full((len(cols), width), -float("inf"), device=sims.device)
-                new_idx = torch.zeros((len(cols), width), dtype=torch.int64, device=sims.device)
-                new_val[at[col], slot] = sims[row, col].float()
-                new_idx[at[col], slot] = row + lo
-                vals = torch.cat([best_val[cols], new_val], 1)
-                idx = torch.cat([best_idx[cols], new_idx], 1)
-                keep = vals.topk(kb, dim=1).indices
-                best_val[cols], best_idx[cols] = vals.gather(1, keep), idx.gather(1, keep)
-                return best_val, best_idx
+        if int(torch.count_nonzero(above)) > 2 * kb * n_b:  # many rows enter (early chunks, an ordered SAE)
+            above = None
+    if above is not None:
+        row, col = above.nonzero(as_tuple=True)
+        if not len(col):
+            return best_val, best_idx
+        count = torch.bincount(col, minlength=n_b)
+        cols = count.nonzero(as_tuple=True)[0]
+        width = int(count.max())
+        if width * len(cols) <= 4 * kb * n_b:  # else a few columns take most of the chunk: dense below
+            order = torch.argsort(col, stable=True)
+            row, col = row[order], col[order]
+            slot = torch.arange(len(col), device=col.device) - (count.cumsum(0) - count)[col]
+            at = torch.full((n_b,), -1, dtype=torch.int64, device=col.device)
+            at[cols] = torch.arange(len(cols), device=col.device)
+            new_val = torch.full((len(cols), width), -float("inf"), device=sims.device)
+            new_idx = torch.zeros((len(cols), width), dtype=torch.int64, device=sims.device)
+            new_val[at[col], slot] = sims[row, col].float()
+            new_idx[at[col], slot] = row + lo
+            best_val[cols], best_idx[cols] = keep_top(best_val[cols], best_idx[cols], new_val, new_idx, kb)
+            return best_val, best_idx
     top = sims.T.contiguous().topk(min(kb, len(sims)), dim=1)  # (n_b, ≤kb): this chunk's best rows per column
-    vals = torch.cat([best_val, top.values.float()], 1)
-    idx = torch.cat([best_idx, top.indices + lo], 1)
-    keep = vals.topk(kb, dim=1).indices
-    return vals.gather(1, keep), idx.gather(1, keep)
+    return keep_top(best_val, best_idx, top.values.float(), top.indices + lo, kb)
 
 
 def edge_similarity(ua: Any, ub: Any, ea: np.ndarray, eb: np.ndarray, chunk: int = 8192) -> np.ndarray:
