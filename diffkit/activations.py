@@ -377,6 +377,11 @@ def _summary(out: Path, manifest: dict, seconds: float, resumed: int) -> Collect
                           sum(int(s.get("n_massive", 0)) for s in manifest["shards"]))
 
 
+def store_summary(store: "ActivationStore") -> CollectSummary:
+    """A complete store's summary, as ``collect_activations`` returns it (no collection time: tokens/s NaN)."""
+    return _summary(store.root, store.manifest, 0.0, 0)
+
+
 class ActivationStore:
     """Read side of a store. ``open`` checks the manifest; shard files are memory-mapped on demand."""
 

@@ -30,8 +30,8 @@ def test_training_free_method_finds_the_planted_answer(bench):
     _, result, _ = bench
     s = result.main.scores
     print(format_groundtruth_summary(result))
-    # Measured on this config (seed 0): recovered 0.86 / 0.80 of the planted features; AUROC 0.985 / 0.988;
-    # precision@k 0.86 / 0.82; shared matching accuracy 0.96; changed-strength AUROC 0.97.
+    # Measured on this config (seed 0): recovered 0.88 / 0.85 of the planted features; AUROC 0.965 / 0.984;
+    # precision@k 0.69 / 0.79; shared matching accuracy 1.00.
     assert min(s.recovered["align"].values()) >= 0.6
     for side in ("a_only", "b_only"):
         assert s.detection["align"][side].auroc >= 0.93, side
@@ -49,14 +49,20 @@ def test_seed_pair_control_false_positive_rates(bench):
     for m in ("align", "crosscoder"):
         assert 0 <= c.fpr[m]["recovered"] <= c.fpr[m]["live"] <= 1 or np.isnan(c.fpr[m]["recovered"])
         assert c.counts[m]["live"] > 0
-    # Latents that recover a planted (hence shared) feature are rarely called exclusive by align at 0.5...
+    # Latents that recover a planted (hence shared) feature are rarely called exclusive by align...
     assert c.fpr["align"]["recovered"] <= 0.25
-    # ...far less often than on the main case's planted exclusives (its TPR).
-    assert c.fpr["align"]["recovered"] < result.main.scores.detection["align"]["a_only"].rule_tpr - 0.4
+    # ...far less often than the unmatched rule calls the main case's planted exclusives (its TPR).
+    main = result.main.scores
+    assert c.fpr["align"]["recovered"] < main.detection_uncalibrated["align"]["a_only"].rule_tpr - 0.4
     # Calibrated (diffkit.calibrate, FDR 0.1): the SAE-noise calls of the uncalibrated rule (unmatched
-    # live latents, ~28% here) do not survive; the planted exclusives of the main case mostly do.
+    # live latents, ~30% here) do not survive...
     assert c.fpr["align"]["live"] <= 0.05 < c.fpr["align"]["live_uncalibrated"]
-    assert result.main.scores.detection["align"]["a_only"].found >= 0.35  # measured 0.375 (quick, before the tail)
+    # ...while the model-level score separates the main case's planted exclusives from its shared features
+    # (measured AUROC 1.00 / 0.96) and the calibrated calls there are planted ones. How many of them pass
+    # the FDR depends on the case's size (quick: 3 of 16 A-only; the full benchmark's main case: 0.88 / 0.94).
+    assert min(main.auroc_retention["align"].values()) >= 0.9
+    for side in ("a_only", "b_only"):
+        assert main.detection["align"][side].rule_fpr <= 0.05 and main.detection["align"][side].found > 0, side
 
 
 def test_report_is_well_formed(bench):

@@ -157,3 +157,70 @@ def test_tiny_config_end_to_end_then_resume(tmp_path):
     kept = [line.split("] ")[1].split(":")[0] for line in res.output.splitlines() if "done earlier" in line]
     assert res.exit_code == 0 and kept == ["collect", "map", "crosscoder"] and "[4/7] align" in res.output
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+GIVEN = """
+threads = 1
+[data]
+store = "{store}"
+[saes.train]
+d_sae = 48
+k = 4
+tokens = 5120
+batch_size = 256
+normalize = false
+[crosscoder]
+dict_size = 96
+k = 8
+tokens = 8192
+batch_size = 512
+[compare]
+tokens = 2000
+"""
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """A small planted pair written as a store: activations diffkit did not collect (as `store import` makes)."""
+    from diffkit.synthetic import make_planted, planted_config, write_planted_store
+
+    root = tmp_path_factory.mktemp("given")
+    write_planted_store(make_planted(planted_config(d=16, superposition=2.0, n_tokens=8192, ctx=64)), root / "store")
+    return root / "store"
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("[data]\ntokens = 5", "data.tokens"), ('[models]\nb = "finetune"', "models.b"),
+    ("[report]\nlosses = true", "report.losses"), ('[controls]\nmodel_seed = "zoo:base-seed1"', "controls.model_seed"),
+    ('[compare]\nsplit = "test"', "compare.split"),
+])
+def test_a_given_store_refuses_what_only_collecting_makes(tmp_path, planted_store, extra, key):
+    text = GIVEN.format(store=planted_store)
+    section = extra.split("\n")[0]
+    text = text.replace(section, extra, 1) if section in text else text + extra + "\n"
+    res = CliRunner().invoke(main, ["run", str(_write(tmp_path, text)), "--dry-run"])
+    assert res.exit_code == 2 and f"config key {key!r}" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_given_store_end_to_end(tmp_path, planted_store):
+    """data.store: nothing collected; the models are the store's names; the null SAE still calibrates the diff
+    (there is no A vs A store to run the SAE-seed control on); a wrong data.hook is a one-line error."""
+    path = _write(tmp_path, GIVEN.format(store=planted_store))
+    work = tmp_path / "work"
+    plan = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert plan.exit_code == 0 and "planted:a vs planted:b" in plan.output and "given" in plan.output, plan.output
+    assert "runs        diff;" in plan.output and "SAE null" in plan.output
+    res = CliRunner().invoke(main, ["run", str(path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert not any(work.glob("store-*"))  # read in place
+    marks = {p.stem: json.loads(p.read_text()) for p in (work / "stages").glob("*.json")}
+    assert marks["collect"]["stores"][0]["tokens"] == 8192 and marks["collect"]["stores"][0]["model A"] == "planted:a"
+    assert set(marks["align"]) - {"seconds"} == {"diff"} and marks["saes"]["null"]["seed"] == 1
+    summary = json.loads((work / "align-diff" / "summary.json").read_text())
+    assert "SAE-seed null" in summary["calibration"]["null_changed"], summary["calibration"]
+    text = (work / "report" / "report.md").read_text()
+    assert f"given: `{planted_store}`" in text
+    bad = CliRunner().invoke(main, ["run", str(_write(tmp_path, GIVEN.format(store=planted_store).replace(
+        "[data]", '[data]\nhook = "blocks.3.hook_resid_post"'))), "--quiet"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "data.hook" in bad.output, bad.output
+    assert {p.stem for p in (work / "stages").glob("*.json")} == set(marks)  # checked before a marker is dropped

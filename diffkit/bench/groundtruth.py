@@ -3,12 +3,12 @@
 One *case* (:func:`run_case`) is the whole product on a planted pair (:mod:`diffkit.synthetic`):
 
 1. draw the pair and write it as a real :class:`~diffkit.activations.ActivationStore`;
-2. train a TopK SAE on each side with :func:`diffkit.sae_train.train_sae` (sae-lens's own trainer,
-   raw activations of the store's train split, ``metadata.hook_name`` set), saved in sae-lens's format;
-3. the training-free diff: ``LinearMap().fit(store)`` + :func:`diffkit.diff.align` at its defaults;
-4. the crosscoder baseline: :func:`baselines.crosscoder.train.train` (BatchTopK) on the same store,
-   then :func:`baselines.crosscoder.analysis.analyze` for its relative norms and labels;
-5. score both against the answer key (:mod:`.groundtruth_score`).
+2. run the packaged ``groundtruth`` pipeline config on it (:mod:`diffkit.pipeline`, ``data.store`` = that
+   store, sizes from :func:`case_overrides`): a TopK SAE per side (sae-lens's own trainer on the store's
+   raw train batches, seeds ``seed`` and ``seed + 1``), the map and :func:`diffkit.diff.align` at its
+   defaults, the BatchTopK crosscoder on the same store, and the comparison (which runs the
+   crosscoder's ``analyze`` for its relative norms and labels, over every token);
+3. score the saved artifacts against the answer key (:mod:`.groundtruth_score`).
 
 :func:`run_groundtruth` runs the main case, the seed-pair negative control (no exclusive or
 changed features, SAEs of different seeds) and the difficulty sweep (fraction exclusive, noise,
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DiffkitError
-from ..synthetic import PLANTED_HOOK, PlantedConfig, make_planted, planted_config, write_planted_store
+from ..synthetic import PlantedConfig, make_planted, planted_config, write_planted_store
 from .groundtruth_score import CaseScores, score_case
 
 COMMAND = "diffkit bench groundtruth"
@@ -119,107 +119,66 @@ def _quiet(progress: bool):
             yield
 
 
-def train_sae(store, side: str, d_sae: int, k: int, cfg: GroundTruthConfig, seed: int, out: Path) -> tuple[Path, float]:
-    """A TopK SAE on ``side``'s raw train activations: :func:`diffkit.sae_train.train_sae` (the one SAE
-    trainer, sae-lens's own) fed batches drawn with replacement by a seeded sampler, saved in sae-lens format.
-
-    Returns the directory and the SAE's held-out FVU (``Σ‖x − x̂‖² / Σ‖x − x̄‖²``).
-    """
-    import torch
-
-    from ..sae_train import SAETrainConfig, train_sae as train
-
-    def split(name: str) -> torch.Tensor:
-        return torch.cat([ab[0 if side == "a" else 1] for ab in store.iter_shards(name, normalized=False)]).float()
-
-    acts, held = split("train"), split("heldout")
-    gen = torch.Generator().manual_seed(seed)
-    batches = (acts[torch.randint(0, len(acts), (cfg.sae_batch,), generator=gen)] for _ in iter(int, 1))
-    steps = cfg.sae_steps
-    train_cfg = SAETrainConfig(arch="topk", d_sae=d_sae, k=k, tokens=steps * cfg.sae_batch, batch_size=cfg.sae_batch,
-                               lr=cfg.sae_lr, warmup_steps=steps // 20, decay_fraction=0.2,
-                               dead_feature_window=max(1, steps // 5), seed=seed, normalize=False,
-                               checkpoint_every=steps)  # seconds to train: no checkpoints
-    rec = train(batches, int(acts.shape[1]), train_cfg, out, PLANTED_HOOK, heldout=lambda: [held],
-                metadata={"model_name": f"planted:{side}"},
-                inputs={"store": str(store.root), "source": side, "sampler": "uniform with replacement"},
-                overwrite=True, progress=False)
-    return out, 1.0 - rec["fve"]
+def case_overrides(planted: PlantedConfig, cfg: GroundTruthConfig, root: Path) -> dict:
+    """The packaged ``groundtruth`` pipeline config's per-case options: the planted store, and the SAE and
+    crosscoder sizes this benchmark's options give for that pair."""
+    n_a = planted.n_shared + planted.n_a_only
+    n_joint = n_a + planted.n_b_only
+    k = max(1, round(planted.k))
+    return {"work": str(root / "pipeline"), "out": str(root / "report"), "threads": cfg.threads, "seed": cfg.seed,
+            "data.store": str(root / "store"),
+            "saes.train.d_sae": round(cfg.sae_width * n_a), "saes.train.k": k, "saes.train.lr": cfg.sae_lr,
+            "saes.train.tokens": cfg.sae_steps * cfg.sae_batch, "saes.train.batch_size": cfg.sae_batch,
+            "saes.train.warmup_steps": cfg.sae_steps // 20, "saes.train.dead_feature_window": max(1, cfg.sae_steps // 5),
+            "saes.train.seed": cfg.seed, "saes.train.seed_b": cfg.seed + 1,  # the control's SAEs differ by seed
+            "crosscoder.dict_size": round(cfg.cc_width * n_joint), "crosscoder.k": max(1, round(planted.k * n_joint / n_a)),
+            "crosscoder.tokens": cfg.cc_steps * cfg.cc_batch, "crosscoder.batch_size": cfg.cc_batch,
+            "crosscoder.lr": cfg.cc_lr}
 
 
 def run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Path,
              log: Callable[[str], None] = lambda _: None, progress: bool = False) -> CaseResult:
-    """Generate, train, diff and score one planted pair in ``work/name`` (recreated)."""
-    import torch
+    """Generate one planted pair in ``work/name`` (recreated), run the packaged ``groundtruth`` pipeline
+    config on it (SAEs, map, align, crosscoder, compare), and score the artifacts against the answer key."""
+    import numpy as np
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _run_case(name, planted, cfg, work, log, progress)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Path, log: Callable[[str], None],
-              progress: bool) -> CaseResult:
-    from baselines.crosscoder.analysis import AnalyzeConfig, analyze, load_latents
+    from baselines.crosscoder.analysis import load_latents
     from baselines.crosscoder.model import load
-    from baselines.crosscoder.train import TrainConfig, train
 
-    from ..activations import ActivationStore
-    from ..diff import AlignConfig, align
+    from ..compare import ANALYSIS_DIR, SUMMARY_FILE
+    from ..diff import load_table
     from ..linear_map import LinearMap
+    from ..pipeline.config import load_config, packaged
+    from ..pipeline.runner import run_pipeline
     from ..saes import load_sae
 
     root = work / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
     pair = make_planted(planted)
     write_planted_store(pair, root / "store")
-    store = ActivationStore.open(root / "store")
-    seconds["generate"] = time.perf_counter() - t
-    k = max(1, round(planted.k))
-    sae_seed = {"a": cfg.seed, "b": cfg.seed + 1}  # different seeds: the control's SAEs differ by seed alone
-    fvu = {}
-    t = time.perf_counter()
-    with _quiet(progress):
-        for side, dictionary in (("a", pair.dict_a), ("b", pair.dict_b)):
-            _, fvu[side] = train_sae(store, side, round(cfg.sae_width * len(dictionary)), k, cfg, sae_seed[side],
-                                     root / f"sae_{side}")
-    seconds["saes"] = time.perf_counter() - t
-    log(f"  [{name}] SAEs trained in {seconds['saes']:.0f} s (held-out FVU A {fvu['a']:.3f}, B {fvu['b']:.3f})")
-
-    t = time.perf_counter()
-    with warnings.catch_warnings():
+    generate = time.perf_counter() - t
+    pcfg = load_config(packaged("groundtruth"), case_overrides(planted, cfg, root))
+    with _quiet(progress), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lmap = LinearMap().fit(store)
-        saes = load_sae(str(root / "sae_a")), load_sae(str(root / "sae_b"))
-        diff = align(store, *saes, lmap, AlignConfig(n_contexts=0))
-    seconds["align"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    n_joint = planted.n_shared + planted.n_a_only + planted.n_b_only
-    k_cc = max(1, round(planted.k * n_joint / (planted.n_shared + planted.n_a_only)))
-    tcfg = TrainConfig(acts=str(root / "store"), out=str(root / "crosscoder"), dict_size=round(cfg.cc_width * n_joint),
-                       k=k_cc, lr=cfg.cc_lr, batch_size=cfg.cc_batch, tokens=cfg.cc_steps * cfg.cc_batch,
-                       seed=cfg.seed, checkpoint_every=0, log_every=max(1, cfg.cc_steps), eval_tokens=10_000)
-    with _quiet(progress):
-        summary = train(tcfg, progress=progress, threads=cfg.threads, log=lambda _: None)
-        analyze(AnalyzeConfig(crosscoder=str(root / "crosscoder"), acts=str(root / "store"), out=str(root / "analysis"),
-                              split="all", n_contexts=0, top_n=0), progress=False)
-    seconds["crosscoder"] = time.perf_counter() - t
-    latents = load_latents(root / "analysis")
-    cc = load(str(root / "crosscoder"))
-    dec_a, dec_b = (w.detach().numpy() for w in cc.split(cc.W_dec_LD.detach()))
-    cc_fve = {s: float(summary["heldout"].get(f"fve_{s}", float("nan"))) for s in ("a", "b")}
-    log(f"  [{name}] crosscoder trained in {seconds['crosscoder']:.0f} s (held-out FVE A {cc_fve['a']:.3f}, "
-        f"B {cc_fve['b']:.3f}); align {seconds['align']:.1f} s")
-    scores = score_case(pair, diff, tuple(s.W_dec.numpy() for s in saes), latents, (dec_a, dec_b),
-                        cfg.recover_threshold)
+        r = run_pipeline(pcfg, log=lambda _: None, progress=progress, command=command_line(cfg))
+    w = Path(pcfg.work)
+    cost = json.loads((w / "compare-diff" / SUMMARY_FILE).read_text())["cost"]["total"]  # fit + align; train + analyze
+    seconds = {"generate": generate, "saes": r["saes"]["seconds"], "align": cost["align"]["seconds"],
+               "crosscoder": cost["crosscoder"]["seconds"], "pipeline": sum(v["seconds"] for v in r.values())}
+    fvu = {s: 1.0 - r["saes"][s]["fve"] for s in ("a", "b")}
+    cc_fve = {s: float(r["crosscoder"]["diff"].get(f"fve_{s}") or np.nan) for s in ("a", "b")}
+    log(f"  [{name}] SAEs trained in {seconds['saes']:.0f} s (held-out FVU A {fvu['a']:.3f}, B {fvu['b']:.3f}); "
+        f"crosscoder {seconds['crosscoder']:.0f} s (held-out FVE A {cc_fve['a']:.3f}, B {cc_fve['b']:.3f}); "
+        f"align {seconds['align']:.1f} s")
+    cc = load(str(w / "crosscoder-diff"))
+    dec_cc = tuple(b.detach().numpy() for b in cc.split(cc.W_dec_LD.detach()))
+    dec_sae = tuple(load_sae(str(w / f"sae-{s}")).W_dec.detach().numpy() for s in ("a", "b"))
+    scores = score_case(pair, load_table(w / "align-diff"), dec_sae, load_latents(w / "compare-diff" / ANALYSIS_DIR),
+                        dec_cc, cfg.recover_threshold)
     return CaseResult(name=name, planted=planted, scores=scores, seconds=seconds, sae_fvu=fvu, cc_fve=cc_fve,
-                      map_fve=float(lmap.scores_["a_to_b"]["heldout_fve"]))
+                      map_fve=float(LinearMap.load(r["map"]["maps"]["diff"]).scores_["a_to_b"]["heldout_fve"]))
 
 
 def sweep_points(cfg: GroundTruthConfig) -> list[tuple[str, float]]:

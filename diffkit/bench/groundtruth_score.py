@@ -137,16 +137,25 @@ def _changed(scores: dict[str, np.ndarray], changed: np.ndarray, centre: np.ndar
     return out
 
 
-def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, threshold: float) -> dict:
-    """Scores of the training-free diff from its FeatureDiff and the two SAEs' decoders (module docstring)."""
-    asg, table = diff.assignment, diff.table
+def _assigned(table: Any, side: str, n: int) -> np.ndarray:
+    """Per latent of ``side``: the similarity of the pair the assignment gave it (kept or rejected), −1 if none."""
+    rows = table[table[f"feature_{side}"] >= 0]
+    sim = np.full(n, -1.0)
+    sim[rows[f"feature_{side}"].to_numpy()] = np.nan_to_num(rows.similarity.to_numpy(), nan=-1.0)
+    return sim
+
+
+def score_align(pair: Any, table: Any, dec_a: np.ndarray, dec_b: np.ndarray, threshold: float) -> dict:
+    """Scores of the training-free diff from its saved table (``features.parquet``) and the two SAEs' decoders
+    (module docstring)."""
+    n_a, n_b = len(dec_a), len(dec_b)
     rec_a, rec_b = recover(dec_a, pair.dict_a, threshold), recover(dec_b, pair.dict_b, threshold)
-    sim_a, sim_b = np.full(asg.n_a, -1.0), np.full(asg.n_b, -1.0)
-    sim_a[asg.pair_a], sim_b[asg.pair_b] = asg.similarity, asg.similarity
-    raw_a, raw_b = np.ones(asg.n_a, bool), np.ones(asg.n_b, bool)
-    raw_a[asg.pair_a[asg.matched]] = False
-    raw_b[asg.pair_b[asg.matched]] = False
-    called_a, called_b = _calibrated_calls(table, "a", asg.n_a, raw_a), _calibrated_calls(table, "b", asg.n_b, raw_b)
+    sim_a, sim_b = _assigned(table, "a", n_a), _assigned(table, "b", n_b)
+    pairs = table[table.kind == "shared"]
+    ma, mb = pairs.feature_a.to_numpy(), pairs.feature_b.to_numpy()
+    raw_a, raw_b = np.ones(n_a, bool), np.ones(n_b, bool)
+    raw_a[ma], raw_b[mb] = False, False
+    called_a, called_b = _calibrated_calls(table, "a", n_a, raw_a), _calibrated_calls(table, "b", n_b, raw_b)
     det = {"a_only": detection(1 - sim_a, rec_a, pair.a_only, called_a),
            "b_only": detection(1 - sim_b, rec_b, pair.b_only, called_b)}
     det_raw = {"a_only": detection(1 - sim_a, rec_a, pair.a_only, raw_a),
@@ -154,10 +163,9 @@ def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, thre
     # Shared matching.
     la, lb = _inverse(rec_a, len(pair.dict_a)), _inverse(rec_b, len(pair.dict_b))
     both = (la[pair.shared_a] >= 0) & (lb[pair.shared_b] >= 0)
-    partner = np.full(asg.n_a, -1, dtype=np.int64)
-    partner[asg.pair_a[asg.matched]] = asg.pair_b[asg.matched]
+    partner = np.full(n_a, -1, dtype=np.int64)
+    partner[ma] = mb
     correct = partner[la[pair.shared_a[both]]] == lb[pair.shared_b[both]]
-    ma, mb = asg.pair_a[asg.matched], asg.pair_b[asg.matched]
     rec_pairs = (rec_a[ma] >= 0) & (rec_b[mb] >= 0)
     right = pair.match_a_to_b[rec_a[ma[rec_pairs]]] == rec_b[mb[rec_pairs]]
     matching = {"accuracy": float(correct.mean()) if both.any() else float("nan"),
@@ -173,7 +181,7 @@ def score_align(pair: Any, diff: Any, dec_a: np.ndarray, dec_b: np.ndarray, thre
                         "|act_mass_log_ratio|": np.abs(good.act_mass_log_ratio.to_numpy()),
                         "|enc_norm_diff_robust|": np.abs(good.enc_norm_diff_robust.to_numpy())}, is_changed, lr)
     # False positives: live latents called exclusive.
-    live_a, live_b = _live(table, "a", asg.n_a), _live(table, "b", asg.n_b)
+    live_a, live_b = _live(table, "a", n_a), _live(table, "b", n_b)
     called = np.concatenate([called_a[live_a], called_b[live_b]])
     raw = np.concatenate([raw_a[live_a], raw_b[live_b]])
     rec_live = np.concatenate([rec_a[live_a] >= 0, rec_b[live_b] >= 0])
@@ -259,10 +267,11 @@ def score_crosscoder(pair: Any, latents: Any, dec_a: np.ndarray, dec_b: np.ndarr
             "detection_uncalibrated": det_raw, "auroc_retention": {}}
 
 
-def score_case(pair: Any, diff: Any, sae_decoders: tuple, latents: Any, cc_decoders: tuple,
+def score_case(pair: Any, table: Any, sae_decoders: tuple, latents: Any, cc_decoders: tuple,
                threshold: float) -> CaseScores:
-    """Both methods' scores; decoders are (A, B) numpy arrays with latents as rows."""
-    parts = {"align": score_align(pair, diff, *sae_decoders, threshold),
+    """Both methods' scores: align's from its table, the crosscoder's from its LatentTable; decoders are
+    (A, B) numpy arrays with latents as rows."""
+    parts = {"align": score_align(pair, table, *sae_decoders, threshold),
              "crosscoder": score_crosscoder(pair, latents, *cc_decoders, threshold)}
     return CaseScores(**{key: {m: parts[m][key] for m in METHODS}
                          for key in ("recovered", "detection", "matching", "changed", "fpr", "counts",

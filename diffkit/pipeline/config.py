@@ -46,8 +46,13 @@ class Finetune:
 
 @dataclass(frozen=True)
 class Data:
-    """The paired activations: where, on what text, how many tokens (``diffkit collect``'s options)."""
+    """The paired activations: where, on what text, how many tokens (``diffkit collect``'s options).
 
+    ``store``: an ActivationStore you already have (``diffkit store import``, ``diffkit collect``, a planted
+    pair) is diffed as it is: nothing is collected, the other options here must stay unset, and the
+    models are only names (the store's own by default)."""
+
+    store: str = ""
     hook: str = ""
     hook_b: str = ""                # B's hook when it differs from A's
     corpus: str = "mixed"
@@ -71,8 +76,14 @@ class SAETrain:
     lr: float = 3e-3
     warmup_steps: int = 50
     normalize: bool = True          # train on x * sqrt(d) / mean ||x||, folded into the saved weights
+    dead_feature_window: int = 400  # steps without firing before a latent counts as dead (TopK's auxiliary loss)
     seed: int = 0
+    seed_b: int = -1                # B's SAE seed; -1: seed (a seed pair of SAEs on two rotated copies needs two)
     null_seed: int = 1              # the seed of the null SAE (a second SAE of model A)
+
+    def seed_of(self, role: str) -> int:
+        """The seed of the SAE of ``role`` (a, b, null, seed_pair)."""
+        return self.null_seed if role == "null" else self.seed_b if role == "b" and self.seed_b >= 0 else self.seed
 
     def trainer_config(self, seed: int | None = None):
         """The :class:`~diffkit.sae_train.SAETrainConfig` of these options (``seed`` for the null)."""
@@ -80,7 +91,8 @@ class SAETrain:
 
         return SAETrainConfig(arch=self.arch, d_sae=self.d_sae, k=self.k, tokens=self.tokens,
                               batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                              normalize=self.normalize, seed=self.seed if seed is None else seed)
+                              dead_feature_window=self.dead_feature_window, normalize=self.normalize,
+                              seed=self.seed if seed is None else seed)
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,8 @@ class Controls:
 
 @dataclass(frozen=True)
 class Compare:
-    tokens: int = 200_000           # held-out tokens for the head-to-head analysis
+    tokens: int = 200_000           # tokens of the split for the head-to-head analysis
+    split: str = "heldout"          # heldout | train | all
 
 
 @dataclass(frozen=True)
@@ -189,13 +202,29 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**{k: _value(prefix + k, hints[k], v) for k, v in data.items()})
 
 
+def _check_given_store(cfg: PipelineConfig) -> None:
+    """``data.store``: what only collecting makes (a fine-tune, losses, the A vs A and seed-model stores) is an error."""
+    for key in (f.name for f in dataclasses.fields(Data)):
+        if key not in ("store", "hook", "hook_b") and getattr(cfg.data, key) != getattr(Data(), key):
+            raise _fail(f"data.{key}", "does nothing with data.store (the store is diffed as it is): remove it")
+    for key, bad, why in (("models.b", cfg.models.b == "finetune", "'finetune' makes a model to collect from"),
+                          ("report.losses", cfg.report.losses, "the losses table runs the models"),
+                          ("controls.model_seed", bool(cfg.controls.model_seed), "the seed-model pair is collected")):
+        if bad:
+            raise _fail(key, f"{why}, which data.store skips: remove it, or collect (drop data.store)")
+
+
 def _check(cfg: PipelineConfig) -> None:
     if cfg.models.a == "finetune":
         raise _fail("models.a", "'finetune' names model B only (A fine-tuned); A is the model it starts from")
-    if not cfg.models.a or not cfg.models.b:
+    if cfg.data.store:
+        _check_given_store(cfg)
+    elif not cfg.models.a or not cfg.models.b:
         raise _fail("models.a" if not cfg.models.a else "models.b", "is required (zoo:NAME, a directory or a hub name)")
-    if not cfg.data.hook:
+    elif not cfg.data.hook:
         raise _fail("data.hook", "is required, e.g. blocks.0.hook_resid_post")
+    if cfg.compare.split not in ("heldout", "train", "all"):
+        raise _fail("compare.split", f"{cfg.compare.split!r} must be heldout, train or all")
     for key, value in (("threads", cfg.threads), ("data.tokens", cfg.data.tokens), ("data.ctx", cfg.data.ctx - 1),
                        ("data.batch_size", cfg.data.batch_size), ("crosscoder.dict_size", cfg.crosscoder.dict_size),
                        ("crosscoder.k", cfg.crosscoder.k), ("crosscoder.tokens", cfg.crosscoder.tokens),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from .stages import RUN_ROLES, Context, model_b, pairs, run_dir, run_what, runs
+from .stages import RUN_ROLES, Context, given_sources, model_b, pairs, run_dir, run_what, runs
 
 RUN_TEXT = {"diff": "{a} vs {b} with their own SAEs",
             "sae-seed control": "{what} (the crosscoder sees two identical models): the noise floor of both methods",
@@ -40,12 +40,17 @@ def preamble(ctx: Context, tables) -> list[str]:
                             fmt={"model": lambda v: f"`{v}`"})
     d = cfg.data
     stores = pd.DataFrame(ctx.results["collect"]["stores"])[list(STORE_COLUMNS)]
-    hooks = f"`{d.hook}`" + (f" / `{d.hook_b}`" if d.hook_b and d.hook_b != d.hook else "")
-    lines += [f"Activation stores (hook {hooks}, corpus `{d.corpus}`, ctx {d.ctx}). Scale = sqrt(d_model) / mean ‖x‖ "
-              "over train tokens, BOS and padding excluded; applied on read.", ""]
+    if d.store:
+        src = given_sources(cfg)
+        where = f"given: `{d.store}`, not collected here; hook `{src['a']['hook']}` / `{src['b']['hook']}`"
+    else:
+        hooks = f"`{d.hook}`" + (f" / `{d.hook_b}`" if d.hook_b and d.hook_b != d.hook else "")
+        where = f"hook {hooks}, corpus `{d.corpus}`, ctx {d.ctx}"
+    lines += [f"Activation stores ({where}). Scale = sqrt(d_model) / mean ‖x‖ over train tokens, BOS and padding "
+              "excluded; applied on read.", ""]
     lines += tables.add("stores", stores, fmt={"model A": lambda v: f"`{v}`", "model B": lambda v: f"`{v}`",
-                                               "tokens/s": lambda v: f"{v:,.0f}"})
-    names = {"a": cfg.models.a.removeprefix("zoo:"), "b": run_what(cfg, "diff").split(" vs ", 1)[1],
+                                               "tokens/s": lambda v: f"{v:,.0f}" if v == v else "–"})
+    names = {"a": pairs(cfg)[0][1].removeprefix("zoo:"), "b": run_what(cfg, "diff").split(" vs ", 1)[1],
              "seed": cfg.controls.model_seed.removeprefix("zoo:")}
     text = "; ".join(f"**{run}** = " + RUN_TEXT[run].format(**names, what=run_what(cfg, run)) for run in runs(cfg))
     lines += [f"Runs: {text}. {fmt_num(len(pairs(cfg)))} stores, one crosscoder per store.", ""]

@@ -30,7 +30,12 @@ INPUTS = {"finetune": (), "losses": ("finetune",), "collect": ("finetune",), "sa
 def active_stages(cfg: PipelineConfig) -> list[str]:
     from ..organisms import label_names
 
-    keyed = len(label_names(cfg.data.corpus) or ()) > 1  # an organism corpus: its stores carry an answer key
+    if cfg.data.store:  # a given store carries an answer key when it has labels
+        from ..store_format import read_manifest
+
+        keyed = len(read_manifest(Path(cfg.data.store)).get("labels", {}).get("names", ())) > 1
+    else:  # an organism corpus: its stores carry an answer key
+        keyed = len(label_names(cfg.data.corpus) or ()) > 1
     skip = {"losses": not cfg.report.losses, "finetune": cfg.models.b != "finetune", "answer": not keyed}
     return [s for s in STAGES if not skip.get(s)]
 
@@ -95,6 +100,11 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print, progre
         shutil.rmtree(work)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise DiffkitError(f"device {cfg.device!r} was asked for but CUDA is not available: set device = \"cpu\"")
+    if cfg.data.store:  # before any marker is dropped: a store that does not open or fit loses nothing
+        from ..activations import ActivationStore
+        from .stages import check_given_hooks
+
+        check_given_hooks(cfg, ActivationStore.open(cfg.data.store))
     sync_config(work, cfg, log)
     torch.set_num_threads(min(cfg.threads, torch.get_num_threads()) if cfg.device == "cpu" else cfg.threads)
     ctx = Context(cfg=cfg, work=work, out=out, results={}, log=log, progress=progress, command=command)
@@ -165,31 +175,38 @@ def plan_text(cfg: PipelineConfig) -> str:
             stale = set(stale_stages(from_dict(json.loads((work / "config.json").read_text())), cfg))
         except (json.JSONDecodeError, DiffkitError):
             stale = set(STAGES)
-    from .stages import model_b
+    from .stages import given_sources, model_b
 
-    width = {m: d_model(cfg.models.a if cfg.models.b == "finetune" and m == model_b(cfg) else m)
-             for _, a, b in pairs(cfg) for m in (a, b)}
+    given = given_sources(cfg) if cfg.data.store else None
+    width = {(label, side): int(given[side]["d_model"]) if given else
+             d_model(cfg.models.a if cfg.models.b == "finetune" and m == model_b(cfg) else m)
+             for label, a, b in pairs(cfg) for side, m in (("a", a), ("b", b))}
     itemsize = 2 if cfg.data.dtype == "float16" else 4
     t, c = cfg.saes.train, cfg.crosscoder
+    _, name_a, name_b = pairs(cfg)[0]
     b_name = f"{cfg.models.a} fine-tuned on {cfg.finetune.corpus!r} ({cfg.finetune.steps} steps x {cfg.finetune.batch} x " \
-        f"{cfg.finetune.ctx} tokens)" if cfg.models.b == "finetune" else cfg.models.b
-    lines = [f"diffkit run: {cfg.models.a} vs {b_name} at {cfg.data.hook}; work {work}, report {cfg.out}; "
+        f"{cfg.finetune.ctx} tokens)" if cfg.models.b == "finetune" else name_b
+    hook = f"{given['a']['hook']} / {given['b']['hook']}" if given else cfg.data.hook
+    lines = [f"diffkit run: {name_a} vs {b_name} at {hook}; work {work}, report {cfg.out}; "
              f"device {cfg.device}, {cfg.threads} threads"]
     store_total = 0
     for label, a, b in pairs(cfg):
-        wa, wb = width[a], width[b]
+        wa, wb = width[label, "a"], width[label, "b"]
+        if given:
+            lines.append(f"  store-{label:<5} {a} vs {b}: given, {cfg.data.store} (d_model {wa} / {wb}; not collected)")
+            continue
         size = None if None in (wa, wb) else cfg.data.tokens * (wa + wb) * itemsize
         store_total += size or 0
         lines.append(f"  store-{label:<5} {a} vs {b}: {cfg.data.tokens:,} tokens of {cfg.data.corpus!r}, ctx "
                      f"{cfg.data.ctx}, d_model {wa or '?'} / {wb or '?'} -> {_num(size, 'B')}")
     for role, (spec, store, side) in sae_roles(cfg).items():
-        w = width[[m for lab, a, b in pairs(cfg) if lab == store for m in (a, b)][0 if side == "a" else 1]]
+        w = width[store, side]
         what = (f"train {t.arch} d_sae {t.d_sae:,}, k {t.k}, {t.tokens:,} samples (batch {t.batch_size}), seed "
-                f"{t.null_seed if role == 'null' else t.seed}, {_num(w and 2 * w * t.d_sae + t.d_sae + w)} params"
+                f"{t.seed_of(role)}, {_num(w and 2 * w * t.d_sae + t.d_sae + w)} params"
                 if spec == "train" else f"{spec} (given)")
         lines.append(f"  SAE {role:<9} {what}")
-    cc = [None if None in (width[a], width[b]) else 2 * c.dict_size * (width[a] + width[b]) + c.dict_size
-          for _, a, b in pairs(cfg)]
+    cc = [None if None in (width[lab, "a"], width[lab, "b"]) else
+          2 * c.dict_size * (width[lab, "a"] + width[lab, "b"]) + c.dict_size for lab, _, _ in pairs(cfg)]
     lines.append(f"  crosscoder  BatchTopK {c.dict_size:,} latents, k {c.k}, {c.tokens:,} tokens, one per store: "
                  f"{', '.join(_num(p) for p in cc)} params")
     lines.append(f"  runs        {', '.join(runs(cfg))}; store bytes in all ~{_num(store_total, 'B')}")

@@ -42,8 +42,25 @@ def model_b(cfg: PipelineConfig) -> str:
     return str(Path(cfg.work) / "finetuned") if cfg.models.b == "finetune" else cfg.models.b
 
 
+def given_sources(cfg: PipelineConfig) -> dict:
+    """``data.store``'s manifest ``sources`` ({"a": {"spec", "hook", "d_model"...}, "b": ...})."""
+    from ..store_format import read_manifest
+
+    return read_manifest(Path(cfg.data.store))["sources"]
+
+
+def store_dir(cfg: PipelineConfig, label: str) -> Path:
+    """Where the store ``label`` is: ``data.store`` for the diff when given, else ``WORK/store-LABEL``."""
+    return Path(cfg.data.store) if cfg.data.store and label == "diff" else Path(cfg.work) / f"store-{label}"
+
+
 def pairs(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
-    """(label, model A, model B) of each store the config collects."""
+    """(label, model A, model B) of each store the config reads. With ``data.store`` only the diff's: the
+    A vs A store needs the model (the null SAE still calibrates the diff)."""
+    if cfg.data.store:
+        names = given_sources(cfg) if not (cfg.models.a and cfg.models.b) else {}
+        return [("diff", cfg.models.a or str(names["a"].get("spec", "A")),
+                 cfg.models.b or str(names["b"].get("spec", "B")))]
     a, b = cfg.models.a, model_b(cfg)
     out = [("diff", a, b)]
     if cfg.controls.sae_seed:
@@ -79,7 +96,8 @@ def _short(spec: str) -> str:
 
 def run_what(cfg: PipelineConfig, run: str) -> str:
     """The report's one-line description of a run."""
-    a, b = _short(cfg.models.a), _short(cfg.models.b if cfg.models.b != "finetune" else "fine-tuned A")
+    _, a, b = pairs(cfg)[0]
+    a, b = _short(a), _short(b if cfg.models.b != "finetune" else "fine-tuned A")
     if run == "diff":
         return f"{a} vs {b}"
     if run == "model-seed pair":
@@ -154,19 +172,34 @@ def stage_losses(ctx: Context) -> dict:
 
 
 def stage_collect(ctx: Context) -> dict:
-    from ..activations import CollectConfig, collect_activations
+    """Collect each store of :func:`pairs`; with ``data.store``, open and check that one instead."""
+    from ..activations import ActivationStore, CollectConfig, collect_activations, store_summary
 
     d, rows = ctx.cfg.data, []
     for label, a, b in pairs(ctx.cfg):
-        path = ctx.work / f"store-{label}"
-        ccfg = CollectConfig(model_a=a, model_b=b, hook_a=d.hook, hook_b=d.hook_b or d.hook, corpus=d.corpus,
-                             tokens=d.tokens, ctx=d.ctx, seed=ctx.cfg.seed, batch_size=d.batch_size, dtype=d.dtype,
-                             max_norm_ratio=d.max_norm_ratio)
-        s = collect_activations(ccfg, path, overwrite=path.exists(), device=ctx.cfg.device, progress=ctx.progress)
+        path = store_dir(ctx.cfg, label)
+        if d.store:
+            s = store_summary(ActivationStore.open(path))  # its hooks checked by run_pipeline
+        else:
+            ccfg = CollectConfig(model_a=a, model_b=b, hook_a=d.hook, hook_b=d.hook_b or d.hook, corpus=d.corpus,
+                                 tokens=d.tokens, ctx=d.ctx, seed=ctx.cfg.seed, batch_size=d.batch_size,
+                                 dtype=d.dtype, max_norm_ratio=d.max_norm_ratio)
+            s = collect_activations(ccfg, path, overwrite=path.exists(), device=ctx.cfg.device, progress=ctx.progress)
         rows.append({"store": label, "model A": a, "model B": b, "tokens": s.tokens, "train": s.train_tokens,
                      "held-out": s.heldout_tokens, "scale A": s.scale_a, "scale B": s.scale_b,
                      "tokens/s": s.tokens_per_second, "bytes": s.bytes, "massive_dropped": s.massive_dropped})
     return {"stores": rows}
+
+
+def check_given_hooks(cfg: PipelineConfig, store: Any) -> Any:
+    """``data.store``'s hooks must be ``data.hook`` / ``data.hook_b`` when those are set; returns the store."""
+    from ..errors import DiffkitError
+
+    for side, want in (("a", cfg.data.hook), ("b", cfg.data.hook_b or cfg.data.hook)):
+        if want and store.hook(side) != want:
+            raise DiffkitError(f"data.store {cfg.data.store} holds model {side.upper()} at {store.hook(side)!r}, not "
+                               f"data.hook {want!r}: fix data.hook or leave it unset")
+    return store
 
 
 def _clear_stale_sae(out: Path, trainer_cfg: Any, collect_marker: Path) -> None:
@@ -199,10 +232,10 @@ def stage_saes(ctx: Context) -> dict:
         if spec != "train":
             result[role] = {"spec": spec}
             continue
-        seed = t.null_seed if role == "null" else t.seed
+        seed = t.seed_of(role)
         out, tcfg = ctx.work / f"sae-{role}", t.trainer_config(seed)
         _clear_stale_sae(out, tcfg, ctx.work / "stages" / "collect.json")
-        store = ActivationStore.open(ctx.work / f"store-{store_label}")
+        store = ActivationStore.open(store_dir(ctx.cfg, store_label))
         m = train_sae_from_store(store, side, tcfg, out, resume=True, device=ctx.cfg.device,
                                  progress=ctx.progress)["metrics"]
         result[role] = {"spec": str(out), "trained": True, "seed": seed, "fve": m["fve"], "l0": m["l0"],
@@ -221,7 +254,7 @@ def stage_map(ctx: Context) -> dict:
     for label, _, _ in pairs(ctx.cfg):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[label] = str(LinearMap().fit(ActivationStore.open(ctx.work / f"store-{label}"))
+            out[label] = str(LinearMap().fit(ActivationStore.open(store_dir(ctx.cfg, label)))
                              .save(ctx.work / f"map-{label}"))
     return {"maps": out}
 
@@ -235,7 +268,7 @@ def stage_align(ctx: Context) -> dict:
     saes, maps, result = ctx.results["saes"], ctx.results["map"]["maps"], {}
     for run in runs(ctx.cfg):
         store_label, role_a, role_b, _ = RUN_ROLES[run]
-        acts = ctx.work / f"store-{store_label}"
+        acts = store_dir(ctx.cfg, store_label)
         spec_a, spec_b = saes[role_a]["spec"], saes[role_b]["spec"]
         store, out = ActivationStore.open(acts), run_dir(ctx.work, "align", run)
         with warnings.catch_warnings():
@@ -316,7 +349,7 @@ def stage_answer(ctx: Context) -> dict:
     result = {}
     for run in runs(ctx.cfg):
         label = RUN_ROLES[run][0]
-        store = ActivationStore.open(ctx.work / f"store-{label}")
+        store = ActivationStore.open(store_dir(ctx.cfg, label))
         if not store.has_labels:
             continue
         align_dir = run_dir(ctx.work, "align", run)
@@ -364,7 +397,7 @@ def stage_crosscoder(ctx: Context) -> dict:
 
     c, result = ctx.cfg.crosscoder, {}
     for label, _, _ in pairs(ctx.cfg):
-        tcfg = TrainConfig(acts=str(ctx.work / f"store-{label}"), out=str(ctx.work / f"crosscoder-{label}"),
+        tcfg = TrainConfig(acts=str(store_dir(ctx.cfg, label)), out=str(ctx.work / f"crosscoder-{label}"),
                            dict_size=c.dict_size, k=c.k, batch_size=c.batch_size, lr=c.lr, tokens=c.tokens,
                            checkpoint_every=0, device=ctx.cfg.device, seed=ctx.cfg.seed)
         shutil.rmtree(tcfg.out, ignore_errors=True)  # always from scratch: the stage marker is the resume point
@@ -384,8 +417,8 @@ def stage_compare(ctx: Context) -> dict:
         store_label = RUN_ROLES[run][0]
         ccfg = CompareConfig(align=str(run_dir(ctx.work, "align", run)),
                              crosscoder=str(ctx.work / f"crosscoder-{store_label}"),
-                             acts=str(ctx.work / f"store-{store_label}"), out=str(run_dir(ctx.work, "compare", run)),
-                             tokens=ctx.cfg.compare.tokens)
+                             acts=str(store_dir(ctx.cfg, store_label)), out=str(run_dir(ctx.work, "compare", run)),
+                             tokens=ctx.cfg.compare.tokens, split=ctx.cfg.compare.split)
         compare(ccfg)
         out[run] = ccfg.out
     return {"dirs": out}
