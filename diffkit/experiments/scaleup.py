@@ -5,18 +5,19 @@ seed pair of the default MLP with its map fitted on the latents of digits 0–4 
 held-out 0–4 (in distribution) and on held-out 5–9 (inputs of classes the map never saw).
 
 Zoo part: residual activations at the zoo's SAE hook of ``zoo:base`` against ``zoo:base-seed1``
-(another seed) and ``zoo:finetuned`` (base fine-tuned on Python code), collected with
-:func:`diffkit.activations.collect_activations` on the ``prose`` and the ``code`` corpus (each
-store's own held-out sequences score the maps). Per pair: the measures of
-:mod:`~diffkit.experiments.measures` on each corpus; the linear map fitted on one corpus and scored
-on the other; and the training-free diff (:func:`diffkit.diff.align`, the zoo SAEs, default
-threshold) on the code store, and a small BatchTopK crosscoder (:data:`CROSSCODER`) on the same
-store: its held-out FVE and how many latents its relative norm calls exclusive. ``diffkit demo``
+(another seed) and ``zoo:finetuned`` (base fine-tuned on Python code) on the ``prose`` and the
+``code`` corpus (each store's own held-out sequences score the maps). The code store, the
+training-free diff on it (:func:`diffkit.diff.align`, the zoo SAEs, default threshold) and a small
+BatchTopK crosscoder (1,024 latents, 200k tokens: seconds per pair on one thread; its held-out FVE
+and how many latents its relative norm calls exclusive) are the pipeline on the packaged ``scaleup`` config; the prose store is collected
+beside it. Per pair: the measures of :mod:`~diffkit.experiments.measures` on each corpus, and the
+linear map fitted on one corpus and scored on the other. ``diffkit demo``
 trains the full-size zoo crosscoder (4,096 latents, 600k tokens) and compares the two methods.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import warnings
@@ -37,8 +38,6 @@ ZOO_PAIRS = ("base-seed1", "finetuned")
 CORPORA = ("prose", "code")
 DEEP = 4
 GEN = ("map fit 0–4, scored 0–4", "map fit 0–4, scored 5–9")
-# Small enough for seconds per pair on one thread (the store has ~22k training tokens: ~9 epochs).
-CROSSCODER = dict(dict_size=1024, k=16, batch_size=1024, lr=1e-3, tokens=200_000, checkpoint_every=0, log_every=50)
 
 
 def conditions() -> list[Condition]:
@@ -56,11 +55,16 @@ def _arrays(store, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def zoo_part(cfg, log) -> dict:
-    """Collect the zoo stores in a temporary directory and measure every pair (module docstring)."""
+    """Per zoo pair: the packaged ``scaleup`` pipeline config (collect the code store, align with the zoo
+    SAEs, the small crosscoder, compare) in a temporary work folder, a prose store collected beside it,
+    and every measure (module docstring)."""
+    import torch
+
     from ..activations import ActivationStore, CollectConfig, collect_activations
-    from ..diff import AlignConfig, align
+    from ..compare import SUMMARY_FILE
     from ..linear_map import LinearMap
-    from ..saes import load_sae
+    from ..pipeline.config import load_config, packaged
+    from ..pipeline.runner import run_pipeline
     from ..zoo import SAE_HOOK
     from .measures import compare
 
@@ -69,13 +73,17 @@ def zoo_part(cfg, log) -> dict:
         warnings.simplefilter("ignore")
         for b in ZOO_PAIRS:
             t = time.perf_counter()
-            stores, data = {}, {}
+            work = Path(tmp) / b
+            pcfg = load_config(packaged("scaleup"), {
+                "work": str(work), "threads": torch.get_num_threads(), "models.b": f"zoo:{b}", "saes.b": f"zoo:{b}",
+                "data.hook": SAE_HOOK, "data.tokens": cfg.zoo_tokens})
+            result = run_pipeline(pcfg, log=lambda _: None, progress=False, command="diffkit experiment scale-up")
+            prose = Path(tmp) / f"{b}-prose"
+            collect_activations(CollectConfig(model_a="zoo:base", model_b=f"zoo:{b}", hook_a=SAE_HOOK, hook_b=SAE_HOOK,
+                                              corpus="prose", tokens=cfg.zoo_tokens), prose, progress=False)
+            stores = {"prose": ActivationStore.open(prose), "code": ActivationStore.open(work / "store-diff")}
+            data = {}
             for corpus in CORPORA:
-                path = Path(tmp) / f"{b}-{corpus}"
-                ccfg = CollectConfig(model_a="zoo:base", model_b=f"zoo:{b}", hook_a=SAE_HOOK, hook_b=SAE_HOOK,
-                                     corpus=corpus, tokens=cfg.zoo_tokens)
-                collect_activations(ccfg, path, progress=False)
-                stores[corpus] = ActivationStore.open(path)
                 data[corpus] = (*_arrays(stores[corpus], "train"), *_arrays(stores[corpus], "heldout"))
                 res = compare(*data[corpus], seed=0, mlp_steps=cfg.mlp_steps)
                 rows.append({"pair": f"base vs {b}", "corpus": corpus, "train_tokens": len(data[corpus][0]),
@@ -85,28 +93,18 @@ def zoo_part(cfg, log) -> dict:
                 gen.append({"pair": f"base vs {b}", "fit_on": fit_on, "scored_on": score_on,
                             "lin_r2_ab": m.scores_["a_to_b"]["heldout_fve"],
                             "lin_r2_ba": m.scores_["b_to_a"]["heldout_fve"]})
-            lmap = LinearMap().fit(stores["code"])
-            diff = align(stores["code"], load_sae("zoo:base"), load_sae(f"zoo:{b}"), lmap, AlignConfig(n_contexts=0))
-            c = diff.summary["counts"]
-            cc = _crosscoder(Path(tmp) / f"{b}-code", Path(tmp) / f"cc-{b}")
+            c, lmap = result["align"]["diff"]["counts"], LinearMap.load(result["map"]["maps"]["diff"])
+            analysis = json.loads((work / "compare-diff" / SUMMARY_FILE).read_text())["analysis"]
+            n = analysis["counts"]
             diffs.append({"pair": f"base vs {b}", "store": "code", "shared": c["shared"], "a_only": c["a_only"],
-                          "b_only": c["b_only"], "threshold": diff.config.threshold,
-                          "map_fve_ab": lmap.scores_["a_to_b"]["heldout_fve"], **cc})
+                          "b_only": c["b_only"], "threshold": result["align"]["diff"]["threshold"],
+                          "map_fve_ab": lmap.scores_["a_to_b"]["heldout_fve"], "cc_fve_a": analysis["fve_a"],
+                          "cc_fve_b": analysis["fve_b"], "cc_a_only": n.get("a_only", 0),
+                          "cc_b_only": n.get("b_only", 0), "cc_shared": n.get("shared", 0),
+                          "cc_dead_frac": analysis["dead_frac"]})
             log(f"    zoo base vs {b}: linear R² A→B (code) {rows[-1]['lin_r2_ab']:.3f}, "
                 f"{c['shared']} shared SAE features ({time.perf_counter() - t:.1f} s)")
     return {"rows": rows, "gen": gen, "diffs": diffs}
-
-
-def _crosscoder(store: Path, out: Path) -> dict:
-    """Train :data:`CROSSCODER` on ``store``; held-out FVE and label counts of its analysis."""
-    from baselines.crosscoder.analysis import AnalyzeConfig, analyze
-    from baselines.crosscoder.train import TrainConfig, train
-
-    train(TrainConfig(acts=str(store), out=str(out), **CROSSCODER), progress=False, log=lambda _: None)
-    s = analyze(AnalyzeConfig(crosscoder=str(out), acts=str(store), out=str(out / "analysis")), progress=False)
-    n = s["counts"]
-    return {"cc_fve_a": s["fve_a"], "cc_fve_b": s["fve_b"], "cc_a_only": n.get("a_only", 0),
-            "cc_b_only": n.get("b_only", 0), "cc_shared": n.get("shared", 0), "cc_dead_frac": s["dead_frac"]}
 
 
 def _gen_r2(zoo: dict, pair: str, fit_on: str, score_on: str) -> float:
@@ -165,10 +163,12 @@ def extra_with(zoo: dict):
                   "|---|---|---|---|---|"]
         lines += [f"| {g['pair']} | {g['fit_on']} | {g['scored_on']} | {fmt(g['lin_r2_ab'])} | {fmt(g['lin_r2_ba'])} |"
                   for g in zoo["gen"]]
-        cc = CROSSCODER
+        from ..pipeline.config import load_config, packaged
+
+        cc = load_config(packaged("scaleup")).crosscoder
         lines += ["", "**Training-free diff and crosscoder on the code store.** `diffkit align` defaults (lstsq map, "
                   "cosine cost, threshold 0.5; the zoo SAEs have 1,024 features) and a BatchTopK crosscoder of "
-                  f"{cc['dict_size']:,} latents, k = {cc['k']}, {cc['tokens']:,} training tokens (labels from its "
+                  f"{cc.dict_size:,} latents, k = {cc.k}, {cc.tokens:,} training tokens (labels from its "
                   "relative norm r = n_B/(n_A+n_B): A-only r ≤ 0.1, B-only r ≥ 0.9, shared 0.3–0.7; FVE on held-out "
                   "tokens):", "",
                   "| pair | align shared | align A-only | align B-only | map FVE A→B | crosscoder FVE A / B | "
