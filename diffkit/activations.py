@@ -35,8 +35,9 @@ from . import __version__
 from .corpora import Sequence, kept_positions, token_sequences
 from .organisms import label_names
 from .errors import DiffkitError
-from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, atomic_save_npy,
-                           check_shard_file, load_npy, read_manifest, shard_files, validate_manifest, write_manifest)
+from .io import atomic_save_npy
+from .store_format import (FORMAT_VERSION, MANIFEST, SOURCES, STORE_KIND, check_shard_file, load_npy, read_manifest,
+                           shard_files, validate_manifest, write_manifest)
 
 SPLITS = ("train", "heldout", "all")
 DTYPES = ("float32", "float16")

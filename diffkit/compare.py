@@ -293,7 +293,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log=lambda _: None) -> C
     out.mkdir(parents=True, exist_ok=True)
     if (out / SUMMARY_FILE).exists():
         (out / SUMMARY_FILE).unlink()  # written last: its presence marks a complete comparison
-    from .store_format import atomic_write_bytes, atomic_write_json
+    from .io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(out / CONFIG_FILE, {"kind": COMPARE_KIND, "format_version": COMPARE_FORMAT_VERSION,
                                           "config": asdict(cfg)})

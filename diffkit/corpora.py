@@ -229,7 +229,7 @@ def dataset_documents(spec: str, field: str = TEXT_FIELD) -> list[Document]:
     except DiffkitError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network, builder and split errors come in many types
-        from .store_format import first_line
+        from .io import first_line
 
         where = f"local folder {source}" if local.exists() else f"dataset {source!r} on the Hugging Face hub"
         raise DiffkitError(f"cannot load {where} ({first_line(exc)}): check the name, split and network (offline, "

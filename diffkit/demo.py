@@ -40,7 +40,7 @@ def run_demo(out: Path, work: Path, cfg: DemoConfig = DemoConfig(), log: Callabl
              progress: bool = False, command: str = "diffkit demo") -> Path:
     from .pipeline.config import load_config, packaged
     from .pipeline.runner import run_pipeline
-    from .store_format import atomic_write_json
+    from .io import atomic_write_json
 
     pcfg = load_config(packaged("demo"), {
         "work": str(work), "out": str(out), "threads": cfg.threads, "data.tokens": cfg.tokens,

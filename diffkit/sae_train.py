@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import DiffkitError
-from .store_format import atomic_write_json, read_json_object
+from .io import atomic_write_json, read_json_object
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
 TRAIN_JSON = "sae_train.json"
@@ -304,7 +304,7 @@ def train_sae(batches: Iterator[Any] | Callable[[int], Iterator[Any]], d_in: int
             trainer.load_trainer_state(ckpt)
             sae.load_weights_from_checkpoint(ckpt)
         except Exception as exc:  # noqa: BLE001 - torch.load / safetensors / state-dict errors come in many types
-            from .store_format import first_line
+            from .io import first_line
 
             raise DiffkitError(f"checkpoint {ckpt} does not load ({first_line(exc)}): pass --overwrite to start "
                                "again") from None

@@ -19,7 +19,8 @@ manifest is sealed (:func:`diffkit.io.seal`: a sha256 over its canonical JSON), 
 changes unnoticed; each shard file's size and sha256 are in it.
 
 The generic artifact I/O (atomic writes, sha256, strict JSON / safetensors readers) lives in
-:mod:`diffkit.io`; it is re-exported here for code that imported it from this module.
+:mod:`diffkit.io`, and diffkit imports it from there; it is re-exported here only for scripts that
+imported it from this module.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import DiffkitError
-from .store_format import first_line
+from .io import first_line
 
 FLOAT_KINDS = "f"
 
@@ -175,7 +175,8 @@ def import_store(cfg: ImportConfig, out: Path, resume: bool = False, overwrite: 
     from .activations import (CollectConfig, _clean_uncommitted, _prepare_out_dir, _seqs_per_shard, _shard_layout,
                               _summary, finish_manifest)
     from .corpora import Sequence
-    from .store_format import FORMAT_VERSION, STORE_KIND, atomic_save_npy, shard_files, write_manifest
+    from .store_format import FORMAT_VERSION, STORE_KIND, shard_files, write_manifest
+    from .io import atomic_save_npy
 
     t0 = time.time()
     out = Path(out)

@@ -46,7 +46,8 @@ import numpy as np
 
 from . import __version__
 from .errors import DiffkitError
-from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, atomic_save_npy, shard_files, write_manifest
+from .store_format import FORMAT_VERSION, MANIFEST, STORE_KIND, shard_files, write_manifest
+from .io import atomic_save_npy
 
 PLANTED_HOOK = "planted.hook_resid"
 

@@ -16,7 +16,8 @@ from diffkit.corpora import token_sequences
 from diffkit.errors import DiffkitError
 from diffkit.organisms import (LABELS, RELATION, RESPONSE, TRIGGER, cot_problems, cot_prompt, facts,
                                label_names)
-from diffkit.store_format import MANIFEST, sha256_file, shard_files, write_manifest
+from diffkit.store_format import MANIFEST, shard_files, write_manifest
+from diffkit.io import sha256_file
 from diffkit.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

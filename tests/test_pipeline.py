@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
-from diffkit.pipeline.config import PipelineConfig, from_dict, load_config, packaged
+from diffkit.pipeline.config import from_dict, load_config, packaged
 from diffkit.pipeline.runner import stale_stages
 
 TINY = """

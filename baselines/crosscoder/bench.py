@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from diffkit.bench.machine import LoadSample, MachineInfo, machine_info, max_rss_bytes, sample_load
-from diffkit.store_format import atomic_write_bytes
+from diffkit.io import atomic_write_bytes
 
 COMMAND = "diffkit bench crosscoder"
 MARK = "CROSSCODER_BENCH "

@@ -106,7 +106,7 @@ class TrainConfig:
 
 
 def read_train_config(out: Path) -> TrainConfig:
-    from diffkit.store_format import read_json_object
+    from diffkit.io import read_json_object
 
     raw = read_json_object(out / TRAIN_CONFIG_FILE, "the run directory is damaged: choose another --out")
     return strict_from_dict(TrainConfig, raw, str(out / TRAIN_CONFIG_FILE))
@@ -230,7 +230,7 @@ def read_checkpoint(out: Path) -> tuple[int, dict, dict] | None:
 
 
 def _restore(model: CrossCoder, opt: torch.optim.Optimizer, tensors: dict, device: torch.device) -> torch.Tensor:
-    from diffkit.store_format import check_tensors
+    from diffkit.io import check_tensors
 
     L = model.cfg.dict_size
     expected = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}

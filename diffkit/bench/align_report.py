@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..store_format import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .align import (NOISE, SHARED_FRACTION, TARGET_16K_GB, TARGET_16K_SECONDS, TARGET_65K_GB, TARGET_65K_SECONDS,
                     TARGET_GEMM_FRACTION, AlignBenchmark)
 from .machine import machine_section

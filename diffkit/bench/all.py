@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DiffkitError
-from ..store_format import atomic_write_json
+from ..io import atomic_write_json
 from .rows import BenchRow
 
 SUMMARY_KIND = "diffkit.bench.summary"
@@ -297,7 +297,7 @@ def failed_parts(summary: dict) -> list[str]:
 def write_summary(summary: dict, out: Path) -> Path:
     """``out`` (markdown) and ``summary.json`` beside it, atomically; the JSON first, so the markdown is
     never newer than the figures it shows."""
-    from ..store_format import atomic_write_bytes
+    from ..io import atomic_write_bytes
     from .summary_report import render_summary
 
     out = Path(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..store_format import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .collect import READ_BATCH, TARGET_FORWARD_SPEEDUP, TARGET_READ_GBPS, CollectBenchmark
 from .machine import machine_section
 

@@ -361,7 +361,7 @@ def format_gpu_report(r: dict) -> str:
 
 def write_gpu_report(result: dict, out: Path) -> Path:
     """``out`` (markdown) and ``out`` with ``.json`` beside it, atomically."""
-    from diffkit.store_format import atomic_write_bytes
+    from diffkit.io import atomic_write_bytes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

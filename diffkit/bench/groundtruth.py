@@ -188,7 +188,7 @@ def sweep_points(cfg: GroundTruthConfig) -> list[tuple[str, float]]:
 def run_groundtruth(cfg: GroundTruthConfig, out: str | Path, work: str | Path, log: Callable[[str], None] = print,
                     progress: bool = False) -> GroundTruthResult:
     """Main case, seed-pair control, sweep; ``config.json`` is written to ``out`` before the first case."""
-    from ..store_format import atomic_write_json
+    from ..io import atomic_write_json
 
     out, work = Path(out), Path(work)
     if out.exists() and not out.is_dir():

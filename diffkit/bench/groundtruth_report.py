@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..report.figures import agg_pyplot, save_figure
-from ..store_format import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .groundtruth import AXES, CaseResult, GroundTruthResult, _describe, command_line
 from .groundtruth_score import METHODS
 
@@ -204,14 +204,18 @@ def write_groundtruth_report(result: GroundTruthResult, out: str | Path) -> Path
              f"Main case: {_describe(p)}; feature frequencies Zipf (exponent {p.zipf:g}); mean {p.k:g} active features "
              f"per token. B's dictionary is A's carried through a random rotation, stored in a random order. "
              f"The generator is `diffkit.synthetic` (`planted_config`, `make_planted`).", "",
-             "Each side gets a real sae-lens TopK SAE trained by sae-lens's `SAETrainer` "
-             f"({cfg.sae_width:g}× its planted features, k = {max(1, round(p.k))}, {cfg.sae_steps} steps × "
-             f"{cfg.sae_batch}), saved in sae-lens's format and loaded by `diffkit.saes.load_sae`. **align**: "
+             "Each case is the pipeline (`diffkit run`'s stages) on the packaged `groundtruth` config with "
+             "`data.store` set to the planted store and the sizes below filled in. "
+             "Each side gets a real sae-lens TopK SAE trained by sae-lens's `SAETrainer` on the store's shuffled "
+             f"raw batches ({cfg.sae_width:g}× its planted features, k = {max(1, round(p.k))}, {cfg.sae_steps} steps × "
+             f"{cfg.sae_batch}, seeds {cfg.seed} and {cfg.seed + 1}), saved in sae-lens's format and loaded by "
+             "`diffkit.saes.load_sae`. **align**: "
              "`LinearMap().fit(store)` + `diffkit.diff.align` at its defaults (cosine cost, threshold 0.5, "
              "calibrated verdict at FDR 0.1). "
              f"**crosscoder**: BatchTopK, {cfg.cc_width:g}× the pair's planted features, {cfg.cc_steps} steps × "
-             f"{cfg.cc_batch}, then `analyze` (labels: A-only r ≤ 0.1, B-only r ≥ 0.9; calibrated verdict at FDR "
-             "0.1). Both read the same ActivationStore.", "",
+             f"{cfg.cc_batch}, then `analyze` over every token (labels: A-only r ≤ 0.1, B-only r ≥ 0.9; calibrated "
+             "verdict at FDR 0.1). Both read the same ActivationStore. Wall times are the ones the artifacts record "
+             "(map fit + align; crosscoder training + analysis).", "",
              "Default rules are **calibrated** (`diffkit.calibrate`): a feature is called exclusive when the method's "
              "own criterion says so (align: unmatched; crosscoder: r ≤ 0.1 / ≥ 0.9) *and* the model-level evidence "
              "survives a null at FDR 10%: *retention* = held-out R² of an affine probe predicting the feature's "

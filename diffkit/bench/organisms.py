@@ -409,7 +409,7 @@ def _feature_context(store: Any, tok: Any, sae: Any, res: Any, feature: int) -> 
 
 def run_organisms(cfg: OrganismsConfig, out: str | Path, work: str | Path, log: Callable[[str], None] = print) -> dict:
     """Every case of ``cfg``; returns {"config", "cases": {name: CaseResult}, "missing": {name: reason}, "seconds"}."""
-    from ..store_format import atomic_write_json
+    from ..io import atomic_write_json
 
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)

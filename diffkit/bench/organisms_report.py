@@ -16,7 +16,7 @@ import numpy as np
 
 from ..report.figures import agg_pyplot, save_figure
 from ..report.markdown import Tables, fmt_num, md_context
-from ..store_format import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from .organisms import CASES, command_line
 from ..divergence import PRIOR_FIRINGS as PRIOR
 from .organisms_score import DEFAULT_FACTOR, share_threshold

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..store_format import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .scale import DENSE_GB, SAE_JITTER, SHARED_FRACTION, ScaleResult, result_to_json
 from .machine import machine_section
 from .rows import BenchRow

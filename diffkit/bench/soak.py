@@ -215,7 +215,7 @@ def leftovers(root: Path) -> list[str]:
 
 def compare_trees(ref: Path, got: Path) -> list[str]:
     """Differences between two finished artifacts of the same stage (empty: equal)."""
-    from ..store_format import sha256_file
+    from ..io import sha256_file
 
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}

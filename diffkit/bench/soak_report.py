@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..store_format import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from .soak import SoakResult, result_to_json
 
 

@@ -200,7 +200,7 @@ def rerender(summary_json: Path) -> Path:
     """Rewrite the README.md beside ``summary_json`` from it."""
     import json
 
-    from ..store_format import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     summary_json = Path(summary_json)
     out = Path(json.loads(summary_json.read_text())["config"]["out"]).name

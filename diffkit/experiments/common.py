@@ -155,7 +155,7 @@ def summarize(rows: list[dict], cols: tuple[str, ...]) -> list[dict]:
 
 def save_config(cfg: ExperimentConfig, conditions: list[Condition], out: Path) -> None:
     """``config.json``: the frozen options and every condition's specs, written before any result."""
-    from ..store_format import atomic_write_json
+    from ..io import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"kind": "diffkit.Experiment", "config": asdict(cfg),

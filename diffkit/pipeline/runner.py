@@ -66,7 +66,7 @@ def marker(work: Path, name: str) -> Path:
 def sync_config(work: Path, cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[str]:
     """Save ``cfg`` as ``work/config.json``; on a resume with other options, drop the markers of the stages
     they reach. Returns the stages dropped."""
-    from ..store_format import atomic_write_json
+    from ..io import atomic_write_json
 
     path, stale = work / "config.json", []
     if path.exists():
@@ -92,7 +92,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print, progre
 
     import torch
 
-    from ..store_format import atomic_write_json
+    from ..io import atomic_write_json
     from .stages import STAGE_FNS, Context
 
     work, out = Path(cfg.work), Path(cfg.out)

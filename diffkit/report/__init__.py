@@ -42,8 +42,6 @@ class RunData:
 def load_run(compare_dir: str | Path, label: str | None = None, what: str | None = None,
              role: str = "main") -> RunData:
     """Load a ``diffkit compare`` output directory and the FeatureDiff it was made from."""
-    import pandas as pd
-
     from ..compare import ANALYSIS_DIR, load_comparison
     from baselines.crosscoder.analysis import load_analysis_summary, load_latents
 
@@ -92,7 +90,7 @@ def write_report(out: str | Path, runs: Sequence[RunData], command: str, title: 
     ``preamble`` markdown lines go after the introduction; ``tables`` is the writer they used (from
     :func:`start_report`), if any; without it stale figures and tables in ``out`` are removed first.
     """
-    from ..store_format import atomic_write_bytes
+    from ..io import atomic_write_bytes
     from . import figures, sections
 
     if not runs:

@@ -32,7 +32,7 @@ def agg_pyplot():
 
 def save_figure(fig: Any, path: Path, command: str) -> Path:
     """Write ``fig`` as a PNG at ``path`` (atomically, no metadata) with a footer naming ``command``."""
-    from ..store_format import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     fig.text(0.01, 0.005, f"regenerate: {command}", fontsize=7, color="0.45", ha="left", va="bottom")
     buf = io.BytesIO()

@@ -67,7 +67,7 @@ class Tables:
         """Markdown lines of ``df`` (``fmt``: per-column cell formatters returning markdown; ``columns``:
         display names; ``cells``: ready markdown cells of a column, e.g. contexts, while the CSV keeps
         the plain values), the CSV written beside, and a line naming both the CSV and the command."""
-        from ..store_format import atomic_write_bytes
+        from ..io import atomic_write_bytes
 
         if name in self.names:
             raise ValueError(f"table {name} written twice")

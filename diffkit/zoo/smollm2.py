@@ -78,7 +78,7 @@ def cache_root() -> Path:
 
 
 def _source_info(gguf: Path) -> dict:
-    from ..store_format import sha256_file
+    from ..io import sha256_file
 
     return {"gguf": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256_file(gguf)}
 
