@@ -409,6 +409,7 @@ def run_config(config, dry_run, work, out, overwrite, quiet):
       diffkit run my.toml               run; run again to resume (a changed option reruns what it reaches)
     \b
     A stage that is done (WORK/stages/NAME.json) is kept; the resolved config is WORK/config.json.
+    Activations you already have (`diffkit store import`): [data] store = "DIR" diffs that store as it is.
     """
     from .pipeline.config import load_config
     from .pipeline.runner import plan_text, run_pipeline
@@ -738,6 +739,9 @@ def bench_groundtruth(out, work, quick, threads, seed, progress):
     """Both methods on planted pairs with a known answer: exclusive-feature AUROC and precision@k,
     shared matching accuracy, changed strength, a seed-pair control's false-positive rate, and a
     difficulty sweep (fraction exclusive, noise, superposition). About 3.5 minutes on 2 cores.
+
+    Each case is the pipeline (`diffkit run`) on the packaged groundtruth config with data.store set to
+    its planted store: WORK/CASE/store and WORK/CASE/pipeline hold every artifact it scored.
     """
     from .bench.groundtruth import GroundTruthConfig, run_groundtruth
     from .bench.groundtruth_report import format_groundtruth_summary, write_groundtruth_report
