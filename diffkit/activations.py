@@ -370,10 +370,14 @@ def finish_manifest(manifest: dict, d: dict[str, int]) -> None:
     manifest["complete"] = True
 
 
+def store_bytes(manifest: dict) -> int:
+    """The bytes of every shard file a store's manifest lists."""
+    return sum(f["bytes"] for s in manifest["shards"] for f in s["files"].values())
+
+
 def _summary(out: Path, manifest: dict, seconds: float, resumed: int) -> CollectSummary:
     n = manifest["n_tokens"]
-    size = sum(f["bytes"] for s in manifest["shards"] for f in s["files"].values())
-    return CollectSummary(str(out), n["all"], n["train"], n["heldout"], len(manifest["shards"]), size,
+    return CollectSummary(str(out), n["all"], n["train"], n["heldout"], len(manifest["shards"]), store_bytes(manifest),
                           manifest["scale"]["a"], manifest["scale"]["b"], seconds, resumed,
                           sum(int(s.get("n_massive", 0)) for s in manifest["shards"]))
 

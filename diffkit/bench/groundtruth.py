@@ -131,7 +131,8 @@ def case_overrides(planted: PlantedConfig, cfg: GroundTruthConfig, root: Path) -
             "saes.train.tokens": cfg.sae_steps * cfg.sae_batch, "saes.train.batch_size": cfg.sae_batch,
             "saes.train.warmup_steps": cfg.sae_steps // 20, "saes.train.dead_feature_window": max(1, cfg.sae_steps // 5),
             "saes.train.seed": cfg.seed, "saes.train.seed_b": cfg.seed + 1,  # the control's SAEs differ by seed
-            "crosscoder.dict_size": round(cfg.cc_width * n_joint), "crosscoder.k": max(1, round(planted.k * n_joint / n_a)),
+            "crosscoder.dict_size": round(cfg.cc_width * n_joint),
+            "crosscoder.k": max(1, round(planted.k * n_joint / n_a)),
             "crosscoder.tokens": cfg.cc_steps * cfg.cc_batch, "crosscoder.batch_size": cfg.cc_batch,
             "crosscoder.lr": cfg.cc_lr}
 
@@ -145,7 +146,7 @@ def run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Pa
     from baselines.crosscoder.analysis import load_latents
     from baselines.crosscoder.model import load
 
-    from ..compare import ANALYSIS_DIR, SUMMARY_FILE
+    from ..compare import ANALYSIS_DIR, load_comparison
     from ..diff import load_table
     from ..linear_map import LinearMap
     from ..pipeline.config import load_config, packaged
@@ -164,7 +165,7 @@ def run_case(name: str, planted: PlantedConfig, cfg: GroundTruthConfig, work: Pa
         warnings.simplefilter("ignore")
         r = run_pipeline(pcfg, log=lambda _: None, progress=progress, command=command_line(cfg))
     w = Path(pcfg.work)
-    cost = json.loads((w / "compare-diff" / SUMMARY_FILE).read_text())["cost"]["total"]  # fit + align; train + analyze
+    cost = load_comparison(w / "compare-diff").summary["cost"]["total"]  # fit + align; train + analyze
     seconds = {"generate": generate, "saes": r["saes"]["seconds"], "align": cost["align"]["seconds"],
                "crosscoder": cost["crosscoder"]["seconds"], "pipeline": sum(v["seconds"] for v in r.values())}
     fvu = {s: 1.0 - r["saes"][s]["fve"] for s in ("a", "b")}

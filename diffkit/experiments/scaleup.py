@@ -9,15 +9,15 @@ Zoo part: residual activations at the zoo's SAE hook of ``zoo:base`` against ``z
 ``code`` corpus (each store's own held-out sequences score the maps). The code store, the
 training-free diff on it (:func:`diffkit.diff.align`, the zoo SAEs, default threshold) and a small
 BatchTopK crosscoder (1,024 latents, 200k tokens: seconds per pair on one thread; its held-out FVE
-and how many latents its relative norm calls exclusive) are the pipeline on the packaged ``scaleup`` config; the prose store is collected
-beside it. Per pair: the measures of :mod:`~diffkit.experiments.measures` on each corpus, and the
-linear map fitted on one corpus and scored on the other. ``diffkit demo``
-trains the full-size zoo crosscoder (4,096 latents, 600k tokens) and compares the two methods.
+and how many latents its relative norm calls exclusive) are the pipeline on the packaged ``scaleup``
+config; the prose store is collected beside it. Per pair: the measures of
+:mod:`~diffkit.experiments.measures` on each corpus, and the linear map fitted on one corpus and
+scored on the other. ``diffkit demo`` trains the full-size zoo crosscoder (4,096 latents, 600k
+tokens) and compares the two methods.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import warnings
@@ -61,7 +61,7 @@ def zoo_part(cfg, log) -> dict:
     import torch
 
     from ..activations import ActivationStore, CollectConfig, collect_activations
-    from ..compare import SUMMARY_FILE
+    from ..compare import load_comparison
     from ..linear_map import LinearMap
     from ..pipeline.config import load_config, packaged
     from ..pipeline.runner import run_pipeline
@@ -94,7 +94,7 @@ def zoo_part(cfg, log) -> dict:
                             "lin_r2_ab": m.scores_["a_to_b"]["heldout_fve"],
                             "lin_r2_ba": m.scores_["b_to_a"]["heldout_fve"]})
             c, lmap = result["align"]["diff"]["counts"], LinearMap.load(result["map"]["maps"]["diff"])
-            analysis = json.loads((work / "compare-diff" / SUMMARY_FILE).read_text())["analysis"]
+            analysis = load_comparison(work / "compare-diff").summary["analysis"]
             n = analysis["counts"]
             diffs.append({"pair": f"base vs {b}", "store": "code", "shared": c["shared"], "a_only": c["a_only"],
                           "b_only": c["b_only"], "threshold": result["align"]["diff"]["threshold"],

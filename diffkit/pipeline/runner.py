@@ -31,9 +31,9 @@ def active_stages(cfg: PipelineConfig) -> list[str]:
     from ..organisms import label_names
 
     if cfg.data.store:  # a given store carries an answer key when it has labels
-        from ..store_format import read_manifest
+        from .stages import given_manifest
 
-        keyed = len(read_manifest(Path(cfg.data.store)).get("labels", {}).get("names", ())) > 1
+        keyed = len(given_manifest(cfg).get("labels", {}).get("names", ())) > 1
     else:  # an organism corpus: its stores carry an answer key
         keyed = len(label_names(cfg.data.corpus) or ()) > 1
     skip = {"losses": not cfg.report.losses, "finetune": cfg.models.b != "finetune", "answer": not keyed}
@@ -175,7 +175,7 @@ def plan_text(cfg: PipelineConfig) -> str:
             stale = set(stale_stages(from_dict(json.loads((work / "config.json").read_text())), cfg))
         except (json.JSONDecodeError, DiffkitError):
             stale = set(STAGES)
-    from .stages import given_sources, model_b
+    from .stages import given_manifest, given_sources, model_b
 
     given = given_sources(cfg) if cfg.data.store else None
     width = {(label, side): int(given[side]["d_model"]) if given else
@@ -193,7 +193,13 @@ def plan_text(cfg: PipelineConfig) -> str:
     for label, a, b in pairs(cfg):
         wa, wb = width[label, "a"], width[label, "b"]
         if given:
-            lines.append(f"  store-{label:<5} {a} vs {b}: given, {cfg.data.store} (d_model {wa} / {wb}; not collected)")
+            from ..activations import store_bytes
+
+            manifest = given_manifest(cfg)
+            size = store_bytes(manifest)
+            store_total += size
+            lines.append(f"  store-{label:<5} {a} vs {b}: given, {cfg.data.store} ({manifest['n_tokens']['all']:,} "
+                         f"tokens, d_model {wa} / {wb}, {_num(size, 'B')}; not collected)")
             continue
         size = None if None in (wa, wb) else cfg.data.tokens * (wa + wb) * itemsize
         store_total += size or 0

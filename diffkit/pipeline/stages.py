@@ -13,6 +13,7 @@ Work layout: ``store-LABEL``, ``sae-ROLE`` (trained SAEs), ``map-LABEL``, ``alig
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -42,11 +43,25 @@ def model_b(cfg: PipelineConfig) -> str:
     return str(Path(cfg.work) / "finetuned") if cfg.models.b == "finetune" else cfg.models.b
 
 
-def given_sources(cfg: PipelineConfig) -> dict:
-    """``data.store``'s manifest ``sources`` ({"a": {"spec", "hook", "d_model"...}, "b": ...})."""
+def given_manifest(cfg: PipelineConfig) -> dict:
+    """``data.store``'s manifest, read (and its seal checked) once per version of the file: the plan, the
+    stage list, the store names and the report all ask for it."""
+    from ..store_format import MANIFEST
+
+    path = Path(cfg.data.store) / MANIFEST
+    return _read_manifest(str(path.parent), path.stat().st_mtime_ns if path.exists() else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_manifest(root: str, mtime_ns: int) -> dict:
     from ..store_format import read_manifest
 
-    return read_manifest(Path(cfg.data.store))["sources"]
+    return read_manifest(Path(root))
+
+
+def given_sources(cfg: PipelineConfig) -> dict:
+    """``data.store``'s manifest ``sources`` ({"a": {"spec", "hook", "d_model"...}, "b": ...})."""
+    return given_manifest(cfg)["sources"]
 
 
 def store_dir(cfg: PipelineConfig, label: str) -> Path:
@@ -180,6 +195,8 @@ def stage_collect(ctx: Context) -> dict:
         path = store_dir(ctx.cfg, label)
         if d.store:
             s = store_summary(ActivationStore.open(path))  # its hooks checked by run_pipeline
+            ctx.log(f"  store {path}: given ({s.tokens:,} tokens: {s.train_tokens:,} train, {s.heldout_tokens:,} "
+                    "held out), not collected")
         else:
             ccfg = CollectConfig(model_a=a, model_b=b, hook_a=d.hook, hook_b=d.hook_b or d.hook, corpus=d.corpus,
                                  tokens=d.tokens, ctx=d.ctx, seed=ctx.cfg.seed, batch_size=d.batch_size,
